@@ -1,0 +1,40 @@
+"""retrysafe: the ``Idempotency-Key`` header, done right.
+
+The first outcome of each key is recorded in a ledger and replayed to every retry; concurrent
+duplicates never both run. See ``retrysafe.asgi`` for the middleware and ``retrysafe.stores``
+for the ledgers.
+"""
+
+from .asgi import IdempotencyMiddleware
+from .engine import Engine, Execution, Replay
+from .errors import ConfigError, CorruptRecord, RetrysafeError, StoreError, StoreUnavailable
+from .fingerprint import RequestView
+from .hooks import Decision, Event, Hook
+from .policy import Policy, Route, default_store_status
+from .problems import Problem, ProblemType
+from .stores import MemoryStore, SQLiteStore, Store, open_store
+
+__all__ = [
+    "ConfigError",
+    "CorruptRecord",
+    "Decision",
+    "Engine",
+    "Event",
+    "Execution",
+    "Hook",
+    "IdempotencyMiddleware",
+    "MemoryStore",
+    "Policy",
+    "Problem",
+    "ProblemType",
+    "Replay",
+    "RequestView",
+    "RetrysafeError",
+    "Route",
+    "SQLiteStore",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "default_store_status",
+    "open_store",
+]

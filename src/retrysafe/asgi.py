@@ -1,0 +1,180 @@
+"""The ASGI face: :class:`IdempotencyMiddleware`, a pure ASGI middleware over the engine.
+
+It wraps ``receive`` and ``send`` and nothing else: no task per request, no response buffering.
+Non-HTTP scopes and unprotected requests go straight to the app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any, Unpack
+
+from .engine import Engine, Execution, Replay
+from .fingerprint import RequestView
+from .hooks import Hook, log_decision
+from .policy import Policy, PolicyOptions, Route
+from .problems import DEFAULT_PROBLEM_BASE, Problem
+from .stores import Store
+
+__all__ = ["IdempotencyMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class _Disconnected(Exception):
+    """The client went away before its request body arrived."""
+
+
+class IdempotencyMiddleware:
+    """Give an ASGI app the ``Idempotency-Key`` contract.
+
+    ``IdempotencyMiddleware(app, store="sqlite:///retrysafe.db", ttl=86400, lease=15, ...)``;
+    with Starlette or FastAPI, ``app.add_middleware(IdempotencyMiddleware, store=...)``.
+    Policy options (``methods``, ``require_key``, ``ttl``, ``lease``, ``wait``, ...) set the
+    default; ``routes=[Route("/payments/**", require_key=True)]`` override it per path.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store | str = "sqlite:///retrysafe.db",
+        routes: Sequence[Route] = (),
+        namespace: str = "retrysafe",
+        header: str = "Idempotency-Key",
+        problem_base: str = DEFAULT_PROBLEM_BASE,
+        fail_open: bool = False,
+        hooks: Sequence[Hook] = (log_decision,),
+        engine: Engine | None = None,
+        **options: Unpack[PolicyOptions],
+    ) -> None:
+        self.app = app
+        self.engine = engine or Engine(
+            store,
+            routes=routes,
+            namespace=namespace,
+            header=header,
+            problem_base=problem_base,
+            fail_open=fail_open,
+            hooks=hooks,
+            **options,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        engine = self.engine
+        policy = engine.policy_for(scope["method"], scope["path"])
+        if policy is None:
+            await self.app(scope, receive, send)
+            return
+        request = RequestView(
+            scope["method"], scope["path"], scope.get("query_string", b""), scope["headers"], b""
+        )
+        key = engine.read_key(request, policy)
+        if key is None:
+            await self.app(scope, receive, send)
+            return
+        if isinstance(key, Problem):
+            await self._send_problem(send, key)
+            return
+        try:
+            body = await _read_body(request, receive, policy)
+        except _Disconnected:
+            return  # nobody to answer, nothing claimed, nothing executed
+        if body is None:
+            await self._send_problem(send, engine.body_too_large(request, policy))
+            return
+        request = RequestView(request.method, request.path, request.query, request.headers, body)
+        answer = await engine.begin(request, key, policy)
+        if isinstance(answer, Problem):
+            await self._send_problem(send, answer)
+        elif isinstance(answer, Replay):
+            await send(
+                {"type": "http.response.start", "status": answer.status, "headers": answer.headers}
+            )
+            await send({"type": "http.response.body", "body": answer.body})
+        else:
+            await _Responder(self.app, answer, body)(scope, receive, send)
+
+    async def _send_problem(self, send: Send, problem: Problem) -> None:
+        body = problem.body(self.engine.problem_base)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": problem.status,
+                "headers": problem.headers(len(body)),
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def aclose(self) -> None:
+        """Close the ledger (for apps that manage their own lifespan)."""
+        await self.engine.aclose()
+
+
+async def _read_body(request: RequestView, receive: Receive, policy: Policy) -> bytes | None:
+    """Read the whole request body; None if it exceeds the policy's limit."""
+    limit = policy.max_request_body
+    declared = request.header(b"content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class _Responder:
+    """Runs the app for one claimed request: replays the body read, watches the response."""
+
+    __slots__ = ("app", "body", "body_sent", "execution", "receive", "send")
+
+    def __init__(self, app: ASGIApp, execution: Execution, body: bytes) -> None:
+        self.app = app
+        self.execution = execution
+        self.body = body
+        self.body_sent = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.receive = receive
+        self.send = send
+        try:
+            await self.app(scope, self.wrapped_receive, self.wrapped_send)
+        except BaseException:
+            await self.execution.abort("the handler raised an exception")
+            raise
+        # An app that returns without finishing its response has not given a final outcome.
+        await self.execution.abort("the handler returned without a complete response")
+
+    async def wrapped_receive(self) -> Message:
+        if not self.body_sent:
+            self.body_sent = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        return await self.receive()
+
+    async def wrapped_send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.execution.start(message["status"], message.get("headers", ()))
+        elif kind == "http.response.body":
+            self.execution.feed(message.get("body", b""))
+            if not message.get("more_body", False):
+                # Recorded before the last byte leaves: a client that saw the answer can
+                # rely on a retry replaying it.
+                await self.execution.finish()
+        await self.send(message)

@@ -1,0 +1,425 @@
+"""The engine: the contract's decisions, free of any web framework.
+
+A face (ASGI middleware, gateway, ...) turns its request into a :class:`RequestView` and asks:
+
+1. :meth:`Engine.policy_for` — is this method and path protected? (None: pass through)
+2. :meth:`Engine.read_key` — the key, None, or a :class:`Problem` (missing or malformed key).
+3. :meth:`Engine.begin` — with the body read, claim the key. The answer is a :class:`Problem`
+   to send, a :class:`Replay` to send, or an :class:`Execution` to run the handler under.
+4. While the handler answers, the face feeds the response to the Execution, then calls
+   :meth:`Execution.finish` (store or release, by status) or :meth:`Execution.abort`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Unpack
+
+from .errors import CorruptRecord, StoreError
+from .fingerprint import RequestView, default_fingerprint
+from .hooks import Decision, Event, Hook, log_decision
+from .keys import MalformedKey, find_key
+from .policy import Policy, PolicyOptions, Route
+from .problems import DEFAULT_PROBLEM_BASE, Problem, ProblemType
+from .records import Record, State, StoredResponse
+from .scope import ANONYMOUS, credentials_scope
+from .stores import Store, open_store
+
+__all__ = ["Engine", "Execution", "Replay"]
+
+logger = logging.getLogger("retrysafe")
+
+REPLAYED_HEADER = (b"idempotent-replayed", b"true")
+PURGE_INTERVAL = 300.0
+"""Seconds between two sweeps of expired records by one engine."""
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A stored response to send again, marked ``Idempotent-Replayed: true``."""
+
+    response: StoredResponse
+
+    @property
+    def status(self) -> int:
+        return self.response.status
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [*self.response.headers, REPLAYED_HEADER]
+
+    @property
+    def body(self) -> bytes:
+        return self.response.body
+
+
+class Engine:
+    """One ledger, one default policy and its per-route overrides, and the hooks to report to."""
+
+    def __init__(
+        self,
+        store: Store | str = "sqlite:///retrysafe.db",
+        *,
+        routes: Sequence[Route] = (),
+        namespace: str = "retrysafe",
+        header: str = "Idempotency-Key",
+        problem_base: str = DEFAULT_PROBLEM_BASE,
+        fail_open: bool = False,
+        hooks: Iterable[Hook] = (log_decision,),
+        **options: Unpack[PolicyOptions],
+    ) -> None:
+        self.store = open_store(store) if isinstance(store, str) else store
+        self.policy = Policy().with_options(options)
+        self.routes = [(route, self.policy.with_options(route.options)) for route in routes]
+        self.namespace = namespace.encode()
+        self.header = header.lower().encode("latin-1")
+        self.problem_base = problem_base
+        self.fail_open = fail_open
+        self.hooks = list(hooks)
+        self.counts: Counter[Event] = Counter()
+        """How many times each event happened in this process."""
+        self._scopes = {
+            id(p): p.scope or credentials_scope(p.scope_headers, p.scope_cookies)
+            for p in [self.policy, *(p for _, p in self.routes)]
+        }
+        self._next_purge = 0.0
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def report(
+        self,
+        event: Event,
+        request: RequestView,
+        rid: bytes = b"",
+        status: int | None = None,
+        detail: str = "",
+    ) -> None:
+        """Count ``event`` and pass it to every hook."""
+        self.counts[event] += 1
+        if not self.hooks:
+            return
+        decision = Decision(event, request.method, request.path, rid[:6].hex(), status, detail)
+        for hook in self.hooks:
+            try:
+                hook(decision)
+            except Exception:
+                logger.exception("retrysafe hook %r failed", hook)
+
+    # -- the steps of a request -------------------------------------------------------------
+
+    def policy_for(self, method: str, path: str) -> Policy | None:
+        """Return the policy protecting ``method`` on ``path``, or None to pass through."""
+        policy = self.policy
+        for route, route_policy in self.routes:
+            if route.matches(path):
+                policy = route_policy
+                break
+        return policy if method in policy.methods else None
+
+    def read_key(self, request: RequestView, policy: Policy) -> str | Problem | None:
+        """Return the request's key; a Problem if it is malformed or required and absent."""
+        try:
+            key = find_key(request.headers, self.header)
+        except MalformedKey as exc:
+            self.report(Event.MALFORMED_KEY, request, status=400, detail=str(exc))
+            return Problem(ProblemType.MALFORMED_KEY, f"Idempotency-Key: {exc}.")
+        if key is None and policy.require_key:
+            self.report(Event.MISSING_KEY, request, status=400)
+            return Problem(
+                ProblemType.MISSING_KEY,
+                f"{request.method} {request.path} needs an Idempotency-Key.",
+            )
+        return key
+
+    def body_too_large(self, request: RequestView, policy: Policy) -> Problem:
+        """The refusal of a request whose body exceeds ``policy.max_request_body``."""
+        self.report(Event.BODY_TOO_LARGE, request, status=413)
+        return Problem(
+            ProblemType.BODY_TOO_LARGE,
+            f"Requests with an Idempotency-Key may carry at most {policy.max_request_body} bytes.",
+        )
+
+    def record_id(self, request: RequestView, key: str, policy: Policy) -> bytes:
+        """Hash (namespace, scope, key) into the id the ledger knows the record by."""
+        scope = self._scopes[id(policy)](request)
+        if scope is None:
+            scope = ANONYMOUS
+        elif isinstance(scope, str):
+            scope = scope.encode("utf-8", "surrogatepass")
+        digest = hashlib.sha256(self.namespace)
+        digest.update(b"\0%d\0" % len(scope) + scope + b"\0" + key.encode("ascii"))
+        return digest.digest()
+
+    def fingerprint(self, request: RequestView, policy: Policy) -> bytes:
+        if policy.fingerprint is not None:
+            return hashlib.sha256(policy.fingerprint(request)).digest()
+        return default_fingerprint(request, policy.exclude_fields)
+
+    async def begin(
+        self, request: RequestView, key: str, policy: Policy
+    ) -> Execution | Replay | Problem:
+        """Claim ``key`` for ``request`` (whose body is read) and say what the face must do."""
+        rid = self.record_id(request, key, policy)
+        fingerprint = self.fingerprint(request, policy)
+        deadline = time.monotonic() + policy.wait
+        self._maybe_purge()
+        for _ in range(3):  # a corrupt record is removed, then the claim is tried again
+            token = secrets.randbits(63)
+            try:
+                record = await self.store.claim(rid, token, fingerprint, policy.lease, policy.ttl)
+            except CorruptRecord as exc:
+                await self._drop_corrupt(request, rid, exc.token, str(exc))
+                continue
+            except StoreError as exc:
+                return self._store_failed(request, rid, exc)
+            if record is None:
+                self.report(Event.EXECUTED, request, rid)
+                return Execution(self, request, policy, rid, token)
+            answer = await self._existing(request, policy, rid, fingerprint, record, deadline)
+            if answer is not None:
+                return answer
+        return self._store_failed(request, rid, StoreError("the record kept changing"))
+
+    async def _existing(
+        self,
+        request: RequestView,
+        policy: Policy,
+        rid: bytes,
+        fingerprint: bytes,
+        record: Record,
+        deadline: float,
+    ) -> Execution | Replay | Problem | None:
+        """Answer from a record someone else holds; None means: claim again."""
+        if record.fingerprint != fingerprint:
+            self.report(Event.KEY_REUSED, request, rid, 422)
+            return Problem(
+                ProblemType.KEY_REUSED,
+                "This Idempotency-Key was used for a different request"
+                " (method, path, query or body); use a new key for a new request.",
+            )
+        if record.state is State.DONE and record.response is not None:
+            try:
+                response = StoredResponse.decode(record.response)
+            except ValueError as exc:
+                await self._drop_corrupt(request, rid, record.token, str(exc))
+                return None
+            self.report(Event.REPLAYED, request, rid, response.status)
+            return Replay(response)
+        if record.state is not State.IN_FLIGHT:
+            self.report(Event.REPLAY_UNAVAILABLE, request, rid, 410)
+            return Problem(
+                ProblemType.REPLAY_UNAVAILABLE,
+                "The request with this Idempotency-Key was executed, but its response was too"
+                " large to keep; it will not be executed again.",
+            )
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            try:
+                await self.store.wait(rid, remaining)
+            except StoreError as exc:
+                return self._store_failed(request, rid, exc)
+            return None
+        self.report(Event.IN_PROGRESS, request, rid, 409)
+        return Problem(
+            ProblemType.IN_PROGRESS,
+            "A request with this Idempotency-Key is being processed; retry later.",
+            retry_after=1,
+        )
+
+    async def _drop_corrupt(self, request: RequestView, rid: bytes, token: int, why: str) -> None:
+        self.report(Event.CORRUPT_RECORD, request, rid, detail=why)
+        with contextlib.suppress(StoreError):  # the next claim reports the store's state
+            await self.store.release(rid, token)
+
+    def _store_failed(
+        self, request: RequestView, rid: bytes, exc: StoreError
+    ) -> Execution | Problem:
+        if self.fail_open:
+            self.report(Event.FAIL_OPEN, request, rid, detail=str(exc))
+            return Execution(self, request, None, rid, 0)
+        self.report(Event.STORE_ERROR, request, rid, 503, str(exc))
+        return Problem(
+            ProblemType.STORE_UNAVAILABLE,
+            "The idempotency ledger is unavailable; the request was not executed. Retry later.",
+            retry_after=1,
+        )
+
+    # -- background work --------------------------------------------------------------------
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run ``coroutine`` in the background, keeping a reference until it is done."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _maybe_purge(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_purge:
+            self._next_purge = now + PURGE_INTERVAL
+            self.spawn(self._purge())
+
+    async def _purge(self) -> None:
+        try:
+            await self.store.purge_expired()
+        except StoreError as exc:
+            logger.warning("retrysafe: purging expired records failed: %s", exc)
+
+    async def aclose(self) -> None:
+        """Wait for background work, then close the store."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.store.aclose()
+
+
+class Execution:
+    """A claimed key while its handler runs: heartbeat, response capture, final write.
+
+    Feed it the response as it is sent (:meth:`start`, :meth:`feed`), then call :meth:`finish`
+    once the last byte is known, or :meth:`abort` if the handler failed. With ``policy`` None
+    (the ledger failed and ``fail_open`` is on) the request runs unprotected and nothing is kept.
+    """
+
+    __slots__ = (
+        "_beat",
+        "_body",
+        "_done",
+        "_headers",
+        "_size",
+        "_status",
+        "engine",
+        "policy",
+        "request",
+        "rid",
+        "token",
+    )
+
+    def __init__(
+        self, engine: Engine, request: RequestView, policy: Policy | None, rid: bytes, token: int
+    ) -> None:
+        self.engine = engine
+        self.request = request
+        self.policy = policy
+        self.rid = rid
+        self.token = token
+        self._status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] | None = []
+        self._size = 0
+        self._done = policy is None
+        self._beat: asyncio.TimerHandle | None = None
+        if policy is not None:
+            self._schedule_heartbeat()
+
+    # -- heartbeat --------------------------------------------------------------------------
+
+    def _schedule_heartbeat(self) -> None:
+        assert self.policy is not None
+        loop = asyncio.get_running_loop()
+        self._beat = loop.call_later(self.policy.lease / 3, self._heartbeat)
+
+    def _heartbeat(self) -> None:
+        if not self._done:
+            self.engine.spawn(self._renew())
+
+    async def _renew(self) -> None:
+        assert self.policy is not None
+        try:
+            held = await self.engine.store.renew(self.rid, self.token, self.policy.lease)
+        except StoreError as exc:
+            logger.warning("retrysafe: lease renewal failed, will retry: %s", exc)
+            held = True
+        if self._done:
+            return
+        if held:
+            self._schedule_heartbeat()
+        else:
+            self.engine.report(
+                Event.LEASE_LOST, self.request, self.rid, detail="the claim was taken over"
+            )
+
+    def _stop(self) -> bool:
+        """Mark the execution done; False if it already was."""
+        if self._done:
+            return False
+        self._done = True
+        if self._beat is not None:
+            self._beat.cancel()
+        return True
+
+    # -- response capture -------------------------------------------------------------------
+
+    def start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """Record the response's status and the headers that may be replayed."""
+        self._status = status
+        if self.policy is not None:
+            denied = self.policy.denied_headers
+            self._headers = [
+                (name, value)
+                for name, value in headers
+                if name.lower().decode("latin-1") not in denied
+            ]
+
+    def feed(self, chunk: bytes) -> None:
+        """Record one chunk of the response body; past the storable size, keep only the count."""
+        if self._body is None or self.policy is None:
+            return
+        self._size += len(chunk)
+        if self._size > self.policy.max_response_body:
+            self._body = None
+        elif chunk:
+            self._body.append(chunk)
+
+    async def finish(self) -> None:
+        """The response is complete: store it if its status is final, else release the key."""
+        if not self._stop():
+            return
+        assert self.policy is not None
+        engine, request, rid = self.engine, self.request, self.rid
+        try:
+            if not self._status or not self.policy.store_status(self._status):
+                await engine.store.release(rid, self.token)
+                engine.report(Event.RELEASED, request, rid, self._status or None)
+                return
+            if self._body is None:
+                state, data = State.NOT_REPLAYABLE, None
+            else:
+                state = State.DONE
+                data = StoredResponse(self._status, self._headers, b"".join(self._body)).encode()
+            held = await engine.store.complete(rid, self.token, state, data, self.policy.ttl)
+        except StoreError as exc:
+            engine.report(
+                Event.STORE_ERROR, request, rid, self._status,
+                f"the outcome was not recorded; the key stays busy until its lease ends: {exc}",
+            )  # fmt: skip
+            return
+        if not held:
+            engine.report(
+                Event.LEASE_LOST, request, rid, self._status, "the outcome was not recorded"
+            )
+        elif state is State.DONE:
+            engine.report(Event.STORED, request, rid, self._status)
+        else:
+            engine.report(Event.NOT_REPLAYABLE, request, rid, self._status)
+
+    async def abort(self, reason: str = "the handler failed") -> None:
+        """The handler failed or the response was cut short: release the key for a retry."""
+        if not self._stop():
+            return
+        try:
+            await self.engine.store.release(self.rid, self.token)
+        except StoreError as exc:
+            self.engine.report(
+                Event.STORE_ERROR, self.request, self.rid, None,
+                f"the key could not be released; it stays busy until its lease ends: {exc}",
+            )  # fmt: skip
+            return
+        self.engine.report(Event.RELEASED, self.request, self.rid, self._status or None, reason)

@@ -1,0 +1,40 @@
+"""The exceptions retrysafe raises.
+
+RetrysafeError
+├── ConfigError           bad configuration, found at start-up
+├── CorruptRecord         a stored record cannot be decoded (treated as absent)
+└── StoreError            the ledger failed
+    └── StoreUnavailable  the ledger cannot be reached or is too busy right now
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "CorruptRecord", "RetrysafeError", "StoreError", "StoreUnavailable"]
+
+
+class RetrysafeError(Exception):
+    """Base class of every error raised by retrysafe."""
+
+
+class ConfigError(RetrysafeError, ValueError):
+    """The configuration is invalid (an unknown store URL, a negative lease, ...)."""
+
+
+class StoreError(RetrysafeError):
+    """The ledger failed; the original backend error is chained as ``__cause__``."""
+
+
+class StoreUnavailable(StoreError):
+    """The ledger cannot be reached, or stayed busy past its time budget."""
+
+
+class CorruptRecord(RetrysafeError):
+    """A stored record could not be decoded; retrysafe treats it as absent.
+
+    ``token`` names the exact version found, so that it can be removed without touching a
+    record written after it.
+    """
+
+    def __init__(self, message: str, token: int) -> None:
+        super().__init__(message)
+        self.token = token

@@ -1,0 +1,78 @@
+"""Fingerprints of requests, so that a key reused for another request is caught.
+
+The fingerprint covers the method, the path, the query string and the body. A JSON body is
+canonicalised first, so key order and insignificant whitespace do not count; named top-level
+fields can be left out (a client-side timestamp, a nonce).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Fingerprinter", "RequestView", "canonical_json", "default_fingerprint"]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """What retrysafe knows of a request: enough to scope and fingerprint it, framework-free."""
+
+    method: str
+    path: str
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    """Raw header pairs, names in lower case, in arrival order."""
+    body: bytes
+
+    def header(self, name: bytes) -> bytes | None:
+        """Return the first value of header ``name`` (lower case), None if absent."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+Fingerprinter = Callable[[RequestView], bytes]
+"""A replacement fingerprint: bytes that are equal exactly when two requests are the same."""
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    if not content_type:
+        return False
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
+def canonical_json(body: bytes, exclude: Collection[str] = ()) -> bytes | None:
+    """Return the canonical form of a JSON body, or None if it is not valid JSON."""
+    try:
+        document: Any = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if exclude and isinstance(document, dict):
+        document = {k: v for k, v in document.items() if k not in exclude}
+    try:
+        text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return None
+    return text.encode("utf-8", "surrogatepass")
+
+
+def default_fingerprint(request: RequestView, exclude: Collection[str] = ()) -> bytes:
+    """SHA-256 over method, path, query and (canonical JSON or raw) body."""
+    body = request.body
+    if body and _is_json(request.header(b"content-type")):
+        body = canonical_json(body, exclude) or body
+    digest = hashlib.sha256()
+    for part in (
+        request.method.encode(),
+        request.path.encode("utf-8", "surrogateescape"),
+        request.query,
+    ):
+        digest.update(len(part).to_bytes(4, "big"))
+        digest.update(part)
+    digest.update(body)
+    return digest.digest()

@@ -1,0 +1,80 @@
+"""Observability: every decision retrysafe takes is reported to hooks as a :class:`Decision`.
+
+A hook is any callable taking a Decision. Hooks run inline and must be quick; an exception in a
+hook is logged and never reaches the request. Decisions carry hashes, never keys or credentials.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Decision", "Event", "Hook", "log_decision"]
+
+logger = logging.getLogger("retrysafe")
+
+
+class Event(enum.Enum):
+    """What happened to one request (or one stage of it)."""
+
+    EXECUTED = "executed"
+    """The claim was taken; the handler runs."""
+    STORED = "stored"
+    """The handler's final outcome was recorded for replay."""
+    NOT_REPLAYABLE = "not-replayable"
+    """The handler ran but its response was too large to keep."""
+    RELEASED = "released"
+    """The outcome was not final (5xx, exception, ...): the key is free again."""
+    REPLAYED = "replayed"
+    IN_PROGRESS = "in-progress"
+    KEY_REUSED = "key-reused"
+    REPLAY_UNAVAILABLE = "replay-unavailable"
+    MALFORMED_KEY = "malformed-key"
+    MISSING_KEY = "missing-key"
+    BODY_TOO_LARGE = "body-too-large"
+    STORE_ERROR = "store-error"
+    """The ledger failed; the request was refused (or, after execution, the record was lost)."""
+    FAIL_OPEN = "fail-open"
+    """The ledger failed and ``fail_open`` let the request run unprotected."""
+    CORRUPT_RECORD = "corrupt-record"
+    """A stored record could not be decoded and was treated as absent."""
+    LEASE_LOST = "lease-lost"
+    """A running handler's claim was taken over or vanished; its outcome will not be recorded."""
+
+
+_WARNINGS = frozenset({Event.STORE_ERROR, Event.FAIL_OPEN, Event.CORRUPT_RECORD, Event.LEASE_LOST})
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One decision, as hooks see it."""
+
+    event: Event
+    method: str
+    path: str
+    record: str
+    """A short prefix of the record id's hex: enough to correlate log lines, nothing secret."""
+    status: int | None = None
+    """The HTTP status sent or recorded, where there is one."""
+    detail: str = ""
+
+
+Hook = Callable[[Decision], None]
+
+
+def log_decision(decision: Decision) -> None:
+    """The built-in hook: one log line per decision on the ``retrysafe`` logger."""
+    level = logging.WARNING if decision.event in _WARNINGS else logging.DEBUG
+    if logger.isEnabledFor(level):
+        logger.log(
+            level,
+            "%s %s %s record=%s status=%s %s",
+            decision.event.value,
+            decision.method,
+            decision.path,
+            decision.record,
+            decision.status,
+            decision.detail,
+        )

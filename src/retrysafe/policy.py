@@ -1,0 +1,160 @@
+"""Policies: which requests are protected, and how. One default, overridden per route."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypedDict, Unpack
+
+from .errors import ConfigError
+from .fingerprint import Fingerprinter
+from .scope import ScopeFunction
+
+__all__ = [
+    "DEFAULT_DENIED_HEADERS",
+    "Policy",
+    "PolicyOptions",
+    "Route",
+    "default_store_status",
+]
+
+UNSTORED_4XX = frozenset({408, 409, 423, 425, 429})
+
+DEFAULT_DENIED_HEADERS = frozenset(
+    {
+        # hop-by-hop (RFC 9110 7.6.1), and headers that belong to one response only
+        "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+        "upgrade", "proxy-authenticate", "proxy-authorization", "date", "set-cookie",
+    }
+)  # fmt: skip
+
+
+def default_store_status(status: int) -> bool:
+    """Final outcomes are stored: 2xx, 3xx, and 4xx but 408, 409, 423, 425 and 429.
+
+    Everything else (5xx, the transient 4xx) releases the key so that a retry runs again.
+    """
+    return status < 500 and status not in UNSTORED_4XX
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How a protected route behaves. Times are seconds, sizes are bytes."""
+
+    methods: frozenset[str] = frozenset({"POST", "PATCH"})
+    """Methods protected; any other passes through untouched, key or not."""
+    require_key: bool = False
+    """Refuse protected requests that carry no key (400 ``missing-key``)."""
+    ttl: float = 86400.0
+    """How long a final outcome is kept and replayed."""
+    lease: float = 15.0
+    """How long a claim outlives its holder; renewed while the handler runs."""
+    wait: float = 0.0
+    """How long a duplicate waits for an in-flight original before getting 409; 0: no wait."""
+    store_status: Callable[[int], bool] = default_store_status
+    """Which statuses are final (stored and replayed); the others release the key."""
+    max_request_body: int = 1 << 20
+    """Larger request bodies get 413 ``body-too-large`` and are not executed."""
+    max_response_body: int = 1 << 20
+    """Larger responses are delivered whole but not kept: retries get ``replay-unavailable``."""
+    exclude_fields: frozenset[str] = frozenset()
+    """Top-level JSON body fields left out of the fingerprint."""
+    fingerprint: Fingerprinter | None = None
+    """Replaces the default fingerprint (method, path, query, canonical body)."""
+    scope: ScopeFunction | None = None
+    """Replaces the default scope (the credentials in ``scope_headers`` and ``scope_cookies``)."""
+    scope_headers: tuple[str, ...] = ("authorization",)
+    scope_cookies: tuple[str, ...] = ()
+    denied_headers: frozenset[str] = DEFAULT_DENIED_HEADERS
+    """Response headers neither stored nor replayed (lower case)."""
+
+    def __post_init__(self) -> None:
+        for name in ("ttl", "lease"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds")
+        if self.wait < 0:
+            raise ConfigError("wait must be >= 0 seconds")
+        for name in ("max_request_body", "max_response_body"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 bytes")
+        object.__setattr__(self, "methods", frozenset(m.upper() for m in self.methods))
+        object.__setattr__(self, "exclude_fields", frozenset(self.exclude_fields))
+        object.__setattr__(
+            self, "denied_headers", frozenset(h.lower() for h in self.denied_headers)
+        )
+
+    def with_options(self, options: PolicyOptions) -> Policy:
+        """Return this policy with ``options`` overriding it."""
+        unknown = set(options) - _FIELD_NAMES
+        if unknown:
+            raise ConfigError(f"unknown policy option(s): {', '.join(sorted(unknown))}")
+        values: dict[str, Any] = dict(options)
+        for name in ("methods", "exclude_fields", "denied_headers"):
+            if name in values:
+                values[name] = frozenset(values[name])
+        for name in ("scope_headers", "scope_cookies"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return replace(self, **values)
+
+
+class PolicyOptions(TypedDict, total=False):
+    """Keyword options that override a :class:`Policy` (globally or for one route)."""
+
+    methods: Collection[str]
+    require_key: bool
+    ttl: float
+    lease: float
+    wait: float
+    store_status: Callable[[int], bool]
+    max_request_body: int
+    max_response_body: int
+    exclude_fields: Collection[str]
+    fingerprint: Fingerprinter | None
+    scope: ScopeFunction | None
+    scope_headers: Collection[str]
+    scope_cookies: Collection[str]
+    denied_headers: Collection[str]
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(Policy))
+
+_PATTERN_PART = re.compile(r"\*\*|\*|\{[^}/]*\}")
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    if not pattern.startswith("/"):
+        raise ConfigError(f"route pattern must start with '/': {pattern!r}")
+    out, pos = [], 0
+    for match in _PATTERN_PART.finditer(pattern):
+        out.append(re.escape(pattern[pos : match.start()]))
+        token = match.group()
+        out.append(".*" if token == "**" else "[^/]*" if token == "*" else "[^/]+")
+        pos = match.end()
+    out.append(re.escape(pattern[pos:]))
+    return re.compile("".join(out))
+
+
+class Route:
+    """A path pattern and the policy options that apply to it.
+
+    ``{name}`` matches one path segment, ``*`` any text within a segment, ``**`` anything.
+    Routes are tried in order; the first whose pattern matches the whole path applies.
+    """
+
+    __slots__ = ("_regex", "options", "pattern")
+
+    def __init__(self, pattern: str, **options: Unpack[PolicyOptions]) -> None:
+        self.pattern = pattern
+        self.options = options
+        self._regex = _compile(pattern)
+        unknown = set(options) - _FIELD_NAMES
+        if unknown:
+            raise ConfigError(f"route {pattern!r}: unknown option(s) {', '.join(sorted(unknown))}")
+
+    def matches(self, path: str) -> bool:
+        return self._regex.fullmatch(path) is not None
+
+    def __repr__(self) -> str:
+        return f"Route({self.pattern!r}, {self.options!r})"

@@ -1,0 +1,80 @@
+"""The store interface: the few primitives the engine needs from a ledger.
+
+Every primitive is one atomic operation in the store. Policy (what to store, when to replay,
+what a conflict means) lives in the engine, never here. Times are judged by the store's clock.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from types import TracebackType
+
+from ..records import Record, State
+
+__all__ = ["Store"]
+
+
+class Store(abc.ABC):
+    """A ledger of idempotency records, keyed by an opaque record id (a hash)."""
+
+    poll_interval: float = 0.05
+    """How often :meth:`wait` looks again, for stores that cannot notify."""
+
+    @abc.abstractmethod
+    async def claim(
+        self, rid: bytes, token: int, fingerprint: bytes, lease: float, ttl: float
+    ) -> Record | None:
+        """Claim ``rid`` for the caller, atomically; return None when the claim is taken.
+
+        The claim is taken when there is no record, when the record has expired, or when it is
+        in flight and its lease ran out (its holder is presumed dead). Otherwise nothing is
+        written and the existing record is returned.
+        """
+
+    @abc.abstractmethod
+    async def renew(self, rid: bytes, token: int, lease: float) -> bool:
+        """Extend the lease of the in-flight claim ``token``; False if it is no longer held."""
+
+    @abc.abstractmethod
+    async def complete(
+        self, rid: bytes, token: int, state: State, response: bytes | None, ttl: float
+    ) -> bool:
+        """Turn the in-flight claim ``token`` into a final record; False if it is not held."""
+
+    @abc.abstractmethod
+    async def release(self, rid: bytes, token: int) -> bool:
+        """Delete the record written by ``token`` (any state); False if another wrote it since."""
+
+    @abc.abstractmethod
+    async def get(self, rid: bytes) -> Record | None:
+        """Return the live record of ``rid``; None when absent or expired."""
+
+    @abc.abstractmethod
+    async def delete(self, rid: bytes) -> bool:
+        """Delete ``rid`` whatever its state (an operator's tool); False if it was absent."""
+
+    @abc.abstractmethod
+    async def purge_expired(self, limit: int = 1000) -> int:
+        """Delete up to ``limit`` expired records; return how many were deleted."""
+
+    async def wait(self, rid: bytes, timeout: float) -> None:  # noqa: ASYNC109
+        """Return when ``rid`` may have changed, or after ``timeout`` seconds at most.
+
+        The default polls; stores that can be notified override it.
+        """
+        await asyncio.sleep(min(timeout, self.poll_interval))
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
+        """Release connections and files."""
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,220 @@
+"""``sqlite:///file.db``: the embedded default ledger, one file shared by a host's workers.
+
+WAL mode lets readers (replays) run beside a writer. Statements run inline: a claim costs tens
+of microseconds, far less than a hop to a thread. SQLite's own busy handler would stall the
+event loop, so it is off; a busy database is retried here with asynchronous backoff, and past
+the time budget it becomes :class:`StoreUnavailable` (a 503), never "database is locked" as a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..errors import ConfigError, CorruptRecord, StoreUnavailable
+from ..records import Record, State
+from .base import Store
+
+__all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
+SCHEMA_VERSION = 1
+_COLUMNS = "state, token, fingerprint, lease_until, expires_at, response"
+
+
+class SQLiteStore(Store):
+    """A ledger in one SQLite file. Safe for many processes on one host; not for network disks."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        busy_timeout: float = 5.0,
+        synchronous: str = "NORMAL",
+        table: str = "retrysafe_records",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            raise ConfigError(
+                f"sqlite synchronous must be OFF, NORMAL, FULL or EXTRA: {synchronous}"
+            )
+        if not table.isidentifier():
+            raise ConfigError(f"sqlite table name must be an identifier: {table!r}")
+        if busy_timeout < 0:
+            raise ConfigError("sqlite busy_timeout must be >= 0")
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._synchronous = synchronous.upper()
+        self._table = table
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        t = table
+        self._sql_get = f"SELECT {_COLUMNS} FROM {t} WHERE rid = ?"
+        self._sql_claim = (
+            f"INSERT INTO {t} (rid, token, state, fingerprint, lease_until, expires_at, response)"
+            " VALUES (?, ?, 0, ?, ?, ?, NULL) ON CONFLICT (rid) DO UPDATE SET"
+            " token = excluded.token, state = 0, fingerprint = excluded.fingerprint,"
+            " lease_until = excluded.lease_until, expires_at = excluded.expires_at, response = NULL"
+            " WHERE expires_at <= ? OR (state = 0 AND lease_until <= ?) RETURNING token"
+        )
+        self._sql_renew = (
+            f"UPDATE {t} SET lease_until = ? WHERE rid = ? AND token = ? AND state = 0"
+        )
+        self._sql_complete = (
+            f"UPDATE {t} SET state = ?, response = ?, lease_until = ?, expires_at = ?"
+            " WHERE rid = ? AND token = ? AND state = 0"
+        )
+        self._sql_release = f"DELETE FROM {t} WHERE rid = ? AND token = ?"
+        self._sql_delete = f"DELETE FROM {t} WHERE rid = ?"
+        self._sql_purge = (
+            f"DELETE FROM {t} WHERE rid IN"
+            f" (SELECT rid FROM {t} WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)"
+        )
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal" and self.path != ":memory:":
+                raise sqlite3.OperationalError("database is locked (cannot enter WAL mode)")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreUnavailable(
+                    f"{self.path} has ledger schema {version};"
+                    f" this retrysafe knows {SCHEMA_VERSION}"
+                )
+            t = self._table
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {t} (rid BLOB PRIMARY KEY, token INTEGER NOT NULL,"
+                " state INTEGER NOT NULL, fingerprint BLOB NOT NULL, lease_until REAL NOT NULL,"
+                " expires_at REAL NOT NULL, response BLOB)"
+            )
+            conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_expiry ON {t} (expires_at)")
+            if version < SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connection(self) -> sqlite3.Connection:
+        # A connection must not cross a fork: worker processes each open their own.
+        if self._conn is None or self._pid != os.getpid():
+            self._conn = self._connect()
+            self._pid = os.getpid()
+        return self._conn
+
+    async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        deadline: float | None = None
+        delay = 0.0005
+        while True:
+            try:
+                with self._lock:
+                    return operation(self._connection())
+            except sqlite3.OperationalError as exc:
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                if not busy:
+                    raise StoreUnavailable(f"sqlite ledger {self.path}: {exc}") from exc
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.busy_timeout
+                if now >= deadline:
+                    raise StoreUnavailable(f"sqlite ledger {self.path} stayed busy") from exc
+                await asyncio.sleep(min(delay * (0.5 + random.random()), deadline - now))
+                delay = min(delay * 2, 0.05)
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"sqlite ledger {self.path}: {exc}") from exc
+
+    @staticmethod
+    def _record(row: Any) -> Record:
+        state, token, fingerprint, lease_until, expires_at, response = row
+        try:
+            return Record(
+                State(state),
+                token,
+                bytes(fingerprint),
+                lease_until,
+                expires_at,
+                None if response is None else bytes(response),
+            )
+        except (ValueError, TypeError) as exc:
+            raise CorruptRecord(f"undecodable ledger row: {exc}", token) from exc
+
+    # -- primitives -------------------------------------------------------------------------
+
+    async def claim(
+        self, rid: bytes, token: int, fingerprint: bytes, lease: float, ttl: float
+    ) -> Record | None:
+        def op(conn: sqlite3.Connection) -> Record | None:
+            for _ in range(8):
+                now = self._clock()
+                # Read first: replays and in-flight duplicates then need no write lock at all.
+                row = conn.execute(self._sql_get, (rid,)).fetchone()
+                if row is not None and row[4] > now and not (row[0] == 0 and row[3] <= now):
+                    return self._record(row)
+                taken = conn.execute(
+                    self._sql_claim, (rid, token, fingerprint, now + lease, now + ttl, now, now)
+                ).fetchall()
+                if taken:
+                    return None
+            # Eight rounds of claim races lost to release races: report it as busy.
+            raise sqlite3.OperationalError("database is busy (claim kept racing)")
+
+        return await self._run(op)
+
+    async def renew(self, rid: bytes, token: int, lease: float) -> bool:
+        return await self._run(
+            lambda conn: (
+                conn.execute(self._sql_renew, (self._clock() + lease, rid, token)).rowcount == 1
+            )
+        )
+
+    async def complete(
+        self, rid: bytes, token: int, state: State, response: bytes | None, ttl: float
+    ) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            now = self._clock()
+            args = (int(state), response, now, now + ttl, rid, token)
+            return conn.execute(self._sql_complete, args).rowcount == 1
+
+        return await self._run(op)
+
+    async def release(self, rid: bytes, token: int) -> bool:
+        return await self._run(
+            lambda conn: conn.execute(self._sql_release, (rid, token)).rowcount == 1
+        )
+
+    async def get(self, rid: bytes) -> Record | None:
+        def op(conn: sqlite3.Connection) -> Record | None:
+            row = conn.execute(self._sql_get, (rid,)).fetchone()
+            if row is None or row[4] <= self._clock():
+                return None
+            return self._record(row)
+
+        return await self._run(op)
+
+    async def delete(self, rid: bytes) -> bool:
+        return await self._run(lambda conn: conn.execute(self._sql_delete, (rid,)).rowcount == 1)
+
+    async def purge_expired(self, limit: int = 1000) -> int:
+        return await self._run(
+            lambda conn: conn.execute(self._sql_purge, (self._clock(), limit)).rowcount
+        )
+
+    async def aclose(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
