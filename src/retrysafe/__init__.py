@@ -9,7 +9,7 @@ from .asgi import IdempotencyMiddleware
 from .engine import Engine, Execution, Replay
 from .errors import ConfigError, CorruptRecord, RetrysafeError, StoreError, StoreUnavailable
 from .fingerprint import RequestView
-from .hooks import Decision, Event, Hook
+from .hooks import Decision, Event, Hook, log_decision
 from .policy import Policy, Route, default_store_status
 from .problems import Problem, ProblemType
 from .stores import MemoryStore, SQLiteStore, Store, open_store
@@ -36,5 +36,6 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "default_store_status",
+    "log_decision",
     "open_store",
 ]
