@@ -172,11 +172,13 @@ class Engine:
         fingerprint = self.fingerprint(request, policy)
         deadline = time.monotonic() + policy.wait
         self._maybe_purge()
-        for _ in range(3):  # a corrupt record is removed, then the claim is tried again
+        corrupt = 0
+        while corrupt < 3:  # a corrupt record is removed, then the claim is tried again
             token = secrets.randbits(63)
             try:
                 record = await self.store.claim(rid, token, fingerprint, policy.lease, policy.ttl)
             except CorruptRecord as exc:
+                corrupt += 1
                 await self._drop_corrupt(request, rid, exc.token, str(exc))
                 continue
             except StoreError as exc:
@@ -187,6 +189,9 @@ class Engine:
             answer = await self._existing(request, policy, rid, fingerprint, record, deadline)
             if answer is not None:
                 return answer
+            if record.state is not State.IN_FLIGHT:  # a corrupt response was dropped
+                corrupt += 1
+            # else: a bounded wait for an in-flight original, ended by ``deadline``
         return self._store_failed(request, rid, StoreError("the record kept changing"))
 
     async def _existing(
@@ -206,8 +211,10 @@ class Engine:
                 "This Idempotency-Key was used for a different request"
                 " (method, path, query or body); use a new key for a new request.",
             )
-        if record.state is State.DONE and record.response is not None:
+        if record.state is State.DONE:
             try:
+                if record.response is None:
+                    raise ValueError("a done record without its response")
                 response = StoredResponse.decode(record.response)
             except ValueError as exc:
                 await self._drop_corrupt(request, rid, record.token, str(exc))
@@ -361,11 +368,16 @@ class Execution:
         """Record the response's status and the headers that may be replayed."""
         self._status = status
         if self.policy is not None:
+            headers = list(headers)
             denied = self.policy.denied_headers
+            for name, value in headers:
+                if name.lower() == b"connection":  # it names more hop-by-hop headers (RFC 9110)
+                    listed = value.decode("latin-1").lower().split(",")
+                    denied = denied.union(v.strip() for v in listed)
             self._headers = [
                 (name, value)
                 for name, value in headers
-                if name.lower().decode("latin-1") not in denied
+                if name.decode("latin-1").lower() not in denied
             ]
 
     def feed(self, chunk: bytes) -> None:

@@ -145,8 +145,8 @@ class SQLiteStore(Store):
                 State(state),
                 token,
                 bytes(fingerprint),
-                lease_until,
-                expires_at,
+                float(lease_until),
+                float(expires_at),
                 None if response is None else bytes(response),
             )
         except (ValueError, TypeError) as exc:
@@ -162,8 +162,14 @@ class SQLiteStore(Store):
                 now = self._clock()
                 # Read first: replays and in-flight duplicates then need no write lock at all.
                 row = conn.execute(self._sql_get, (rid,)).fetchone()
-                if row is not None and row[4] > now and not (row[0] == 0 and row[3] <= now):
-                    return self._record(row)
+                # Decoded before its times are compared: a damaged row is CorruptRecord, not 500.
+                record = None if row is None else self._record(row)
+                if (
+                    record is not None
+                    and record.expires_at > now
+                    and not (record.state is State.IN_FLIGHT and record.lease_until <= now)
+                ):
+                    return record
                 taken = conn.execute(
                     self._sql_claim, (rid, token, fingerprint, now + lease, now + ttl, now, now)
                 ).fetchall()
@@ -199,9 +205,10 @@ class SQLiteStore(Store):
     async def get(self, rid: bytes) -> Record | None:
         def op(conn: sqlite3.Connection) -> Record | None:
             row = conn.execute(self._sql_get, (rid,)).fetchone()
-            if row is None or row[4] <= self._clock():
+            record = None if row is None else self._record(row)
+            if record is None or record.expires_at <= self._clock():
                 return None
-            return self._record(row)
+            return record
 
         return await self._run(op)
 
