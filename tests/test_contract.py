@@ -1182,6 +1182,42 @@ async def test_app_receives_the_whole_body_then_disconnect(store_url: str) -> No
     assert seen[-1] == {"type": "http.disconnect"}
 
 
+async def test_client_gone_mid_stream_still_completes_the_record(store_url: str) -> None:
+    """When the server's send raises (ASGI 2.4: client gone), the app finishes and is replayed."""
+    app = Counting(chunks=[b"one,", b"two,", b"three"])
+    middleware = IdempotencyMiddleware(app, store=store_url)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: Message) -> None:
+        if len(sent) == 2:
+            raise OSError("the client went away")
+        sent.append(message)
+
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/o",
+        "raw_path": b"/o",
+        "query_string": b"",
+        "headers": [(b"idempotency-key", b"gone-1")],
+    }
+    await middleware(scope, receive, send)
+    transport = httpx.ASGITransport(app=middleware)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        retry = await client.post("/o", headers=key("gone-1"), content=b"{}")
+    await middleware.aclose()
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert retry.headers[REPLAYED] == "true"
+    assert retry.content == b"one,two,three"
+    assert app.calls == 1
+
+
 async def test_fastapi_add_middleware(store_url: str) -> None:
     """app.add_middleware(IdempotencyMiddleware, store=...) protects a FastAPI app."""
 

@@ -6,6 +6,9 @@ Non-HTTP scopes and unprotected requests go straight to the app.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any, Unpack
 
@@ -142,13 +145,26 @@ async def _read_body(request: RequestView, receive: Receive, policy: Policy) -> 
 class _Responder:
     """Runs the app for one claimed request: replays the body read, watches the response."""
 
-    __slots__ = ("app", "body", "body_sent", "execution", "receive", "send")
+    __slots__ = (
+        "app",
+        "body",
+        "body_sent",
+        "complete",
+        "execution",
+        "gone_at",
+        "receive",
+        "send",
+    )
 
     def __init__(self, app: ASGIApp, execution: Execution, body: bytes) -> None:
         self.app = app
         self.execution = execution
         self.body = body
         self.body_sent = False
+        self.gone_at: float | None = None
+        """When sending to the client first failed: the client is gone."""
+        self.complete = asyncio.Event()
+        """Set once the app has sent its whole response (or has returned)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.receive = receive
@@ -158,6 +174,8 @@ class _Responder:
         except BaseException:
             await self.execution.abort("the handler raised an exception")
             raise
+        finally:
+            self.complete.set()
         # An app that returns without finishing its response has not given a final outcome.
         await self.execution.abort("the handler returned without a complete response")
 
@@ -165,10 +183,19 @@ class _Responder:
         if not self.body_sent:
             self.body_sent = True
             return {"type": "http.request", "body": self.body, "more_body": False}
-        return await self.receive()
+        message = await self.receive()
+        policy = self.execution.policy
+        if message["type"] == "http.disconnect" and policy is not None:
+            # The client left, but the handler has run for this key: hold the news back (for
+            # one lease at most) so that an app that stops streaming at a disconnect, such as
+            # Starlette's StreamingResponse, still completes the response kept for the retry.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.complete.wait(), policy.lease)
+        return message
 
     async def wrapped_send(self, message: Message) -> None:
         kind = message["type"]
+        final = False
         if kind == "http.response.start":
             self.execution.start(message["status"], message.get("headers", ()))
         elif kind == "http.response.body":
@@ -177,4 +204,20 @@ class _Responder:
                 # Recorded before the last byte leaves: a client that saw the answer can
                 # rely on a retry replaying it.
                 await self.execution.finish()
-        await self.send(message)
+                final = True
+        if self.gone_at is None:
+            try:
+                await self.send(message)
+            except OSError:
+                if self.execution.policy is None:
+                    raise  # running unprotected (fail-open): nothing to keep
+                # The client left (ASGI 2.4 servers say so by raising). The handler has run
+                # for this key, so let the app finish its response for the ledger instead
+                # of failing mid-stream and releasing the key into a second execution.
+                self.gone_at = time.monotonic()
+        elif self.execution.policy is not None and (
+            time.monotonic() - self.gone_at > self.execution.policy.lease
+        ):
+            raise OSError("the client disconnected")  # an endless stream: give up after a lease
+        if final:
+            self.complete.set()

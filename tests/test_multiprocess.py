@@ -1,0 +1,185 @@
+"""Exactly-once across processes: one uvicorn with three workers sharing one SQLite ledger."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from servers import WorkerServer, poll_until, serve_subprocess
+
+WORKERS = 3
+KEYS = 30
+DUPLICATES = 8
+LEASE = 2.0
+# Every request on a connection of its own, so that duplicates land on different workers.
+CLOSE = {"Connection": "close"}
+
+
+@dataclass
+class Cluster:
+    server: WorkerServer
+    exec_log: Path
+    state_dir: Path
+
+    def executions(self, path: str | None = None, key: str | None = None) -> list[list[str]]:
+        """The execution log's lines (path, key, pid, nonce), filtered."""
+        if not self.exec_log.exists():
+            return []
+        rows = [line.split(" ") for line in self.exec_log.read_text().splitlines()]
+        return [
+            row
+            for row in rows
+            if (path is None or row[0] == path) and (key is None or row[1] == key)
+        ]
+
+    def worker_pids(self) -> set[int]:
+        workers = self.state_dir / "workers"
+        return {int(p) for p in workers.read_text().split()} if workers.exists() else set()
+
+    def assert_clean_log(self) -> None:
+        log = self.server.log()
+        for sign in ("database is locked", "Traceback", "Exception in ASGI", "store-error"):
+            assert sign not in log, f"server log shows {sign!r}:\n{log}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """uvicorn --workers 3 on tests/apps.py, one SQLite ledger, a 2 s lease."""
+    root = tmp_path_factory.mktemp("cluster")
+    exec_log = root / "executions.log"
+    state_dir = root / "state"
+    state_dir.mkdir()
+    env = {
+        "RS_STORE": f"sqlite:///{root / 'ledger.db'}",  # four slashes: an absolute path
+        "RS_EXEC_LOG": str(exec_log),
+        "RS_STATE_DIR": str(state_dir),
+        "RS_LEASE": str(LEASE),
+        "RS_DELAY": "0.3",
+    }
+    workers_file = state_dir / "workers"
+
+    def all_workers_up() -> bool:
+        return workers_file.exists() and len(set(workers_file.read_text().split())) >= WORKERS
+
+    with serve_subprocess(
+        "apps:create_app",
+        workers=WORKERS,
+        env=env,
+        log_path=root / "server.log",
+        ready=all_workers_up,
+    ) as server:
+        yield Cluster(server, exec_log, state_dir)
+
+
+def _post(client: httpx.Client, path: str, key: str, body: bytes) -> httpx.Response:
+    return client.post(
+        path,
+        content=body,
+        headers={**CLOSE, "Idempotency-Key": key, "Content-Type": "application/json"},
+    )
+
+
+def test_concurrent_duplicates_execute_once_across_workers(cluster: Cluster) -> None:
+    """30 keys x 8 concurrent duplicates on 3 workers: one execution and one answer per key."""
+    keys = [f"mp-{i}" for i in range(KEYS)]
+    bodies = {key: b'{"amount": %d}' % i for i, key in enumerate(keys)}
+    with httpx.Client(base_url=cluster.server.base_url, timeout=60) as client:
+        jobs = [key for _ in range(DUPLICATES) for key in keys]
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            answers = list(pool.map(lambda k: (k, _post(client, "/work", k, bodies[k])), jobs))
+
+        served_by: dict[str, set[str]] = {key: set() for key in keys}
+        first_bodies: dict[str, set[bytes]] = {key: set() for key in keys}
+        pending: Counter[str] = Counter()
+        for key, response in answers:
+            served_by[key].add(response.headers["x-worker-pid"])
+            if response.status_code == 409:
+                assert response.headers["content-type"] == "application/problem+json"
+                assert response.json()["type"].endswith("in-progress")
+                assert response.headers["retry-after"].isdigit()
+                pending[key] += 1
+            else:
+                assert response.status_code == 201, (response.status_code, response.text)
+                first_bodies[key].add(response.content)
+        for key in keys:
+            assert len(first_bodies[key]) <= 1, f"{key} got different bodies: {first_bodies[key]}"
+        # The duplicates of a key were answered by several processes at once.
+        crossed = [key for key in keys if len(served_by[key]) >= 2]
+        assert crossed, "no key's duplicates reached more than one worker"
+        assert len(cluster.executions("/work")) == KEYS
+
+        # Retry every duplicate that got 409 until it gets an answer: always the same one.
+        for key, count in pending.items():
+            for _ in range(count):
+                for _attempt in range(200):
+                    response = _post(client, "/work", key, bodies[key])
+                    if response.status_code != 409:
+                        break
+                    time.sleep(0.05)
+                assert response.status_code == 201, (response.status_code, response.text)
+                assert response.headers["idempotent-replayed"] == "true"
+                first_bodies[key].add(response.content)
+        for key in keys:
+            assert len(first_bodies[key]) == 1, f"{key} got {len(first_bodies[key])} bodies"
+
+    rows = cluster.executions("/work")
+    assert len(rows) == KEYS
+    assert sorted(row[1] for row in rows) == sorted(keys)
+    cluster.assert_clean_log()
+
+
+def test_killed_worker_leaves_key_reclaimable(cluster: Cluster) -> None:
+    """A worker SIGKILLed mid-handler leaves its key reclaimable after the lease; a retry runs."""
+    key = "mp-killed"
+    body = b'{"order": 7}'
+    pid_file = cluster.state_dir / f"slow-{key}.pid"
+    outcome: list[object] = []
+
+    def original() -> None:
+        try:
+            with httpx.Client(base_url=cluster.server.base_url, timeout=60) as client:
+                outcome.append(_post(client, "/slow", key, body))
+        except httpx.TransportError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=original, daemon=True)
+    thread.start()
+    poll_until(lambda: pid_file.exists() and pid_file.read_text() != "", what="the slow handler")
+    victim = int(pid_file.read_text())
+    assert victim in cluster.worker_pids()
+    assert victim != cluster.server.process.pid
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=60)
+    assert outcome, "the original request never ended"
+    assert isinstance(outcome[0], httpx.TransportError), outcome[0]  # its worker died
+
+    with httpx.Client(base_url=cluster.server.base_url, timeout=60) as client:
+        statuses = []
+        for _ in range(400):  # the lease is 2 s; this gives up after about 20 s
+            response = _post(client, "/slow", key, body)
+            statuses.append(response.status_code)
+            if response.status_code != 409:
+                break
+            assert response.headers["retry-after"].isdigit()
+            time.sleep(0.05)
+        assert response.status_code == 201, (statuses[-5:], response.text)
+        assert "idempotent-replayed" not in response.headers
+        assert response.json()["pid"] != victim
+        rows = cluster.executions("/slow", key)
+        assert len(rows) == 2  # the killed execution, then the retry's
+        again = _post(client, "/slow", key, body)
+        assert again.status_code == 201
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.content == response.content
+    assert len(cluster.executions("/slow", key)) == 2
+    assert set(statuses) <= {409, 201}
+    cluster.assert_clean_log()
