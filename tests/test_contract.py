@@ -681,6 +681,19 @@ async def test_heartbeat_keeps_a_slow_handler_claim(store_url: str) -> None:
     assert middleware.engine.counts[Event.LEASE_LOST] == 0
 
 
+async def test_ttl_shorter_than_the_handler_never_lets_a_duplicate_run(store_url: str) -> None:
+    """A record does not expire under a running handler, however short the ttl."""
+    app = Counting(delay=1.5)
+    async with serve(app, store_url, lease=0.6, ttl=0.3) as (client, _):
+        original = asyncio.ensure_future(client.post("/o", headers=key(), json={"a": 1}))
+        await asyncio.sleep(1.0)  # past the ttl and the first lease
+        duplicate = await client.post("/o", headers=key(), json={"a": 1})
+        first = await original
+    assert_problem(duplicate, "in-progress", 409)
+    assert_original(first, 1)
+    assert app.calls == 1
+
+
 # -- 14-16. what is stored and replayed -----------------------------------------------------------
 
 

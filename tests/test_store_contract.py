@@ -310,10 +310,24 @@ async def test_expired_final_record_is_absent_on_read(store: Store) -> None:
     assert record.response is None
 
 
-async def test_expired_in_flight_record_is_absent_on_read(store: Store) -> None:
-    """An in-flight record past its ttl is absent even though its lease is still running."""
+async def test_in_flight_record_outlives_a_short_ttl_while_its_lease_runs(store: Store) -> None:
+    """A claim never expires under a live holder, even with a ttl shorter than the handler."""
+    r, t = rid(), token()
+    assert await store.claim(r, t, FP, 0.6, 0.2) is None
+    await asyncio.sleep(0.35)
+    assert await store.renew(r, t, 0.6)
+    await asyncio.sleep(0.35)  # past the ttl and the first lease, inside the renewed one
+    record = await store.get(r)
+    assert record is not None
+    assert record.token == t
+    assert await store.claim(r, token(), FP, LONG, LONG) is not None
+    assert await store.complete(r, t, State.DONE, b"kept", LONG)
+
+
+async def test_in_flight_record_expires_with_its_lease(store: Store) -> None:
+    """Once the lease of an in-flight record with a short ttl runs out, the record is gone."""
     r = rid()
-    assert await store.claim(r, token(), FP, LONG, 0.2) is None
+    assert await store.claim(r, token(), FP, 0.2, 0.2) is None
     await asyncio.sleep(0.35)
     assert await store.get(r) is None
     assert await store.claim(r, token(), FP, LONG, LONG) is None
@@ -325,7 +339,7 @@ async def test_purge_expired_deletes_only_expired_records(store: Store) -> None:
     t = token()
     assert await store.claim(done_old, t, FP, LONG, LONG) is None
     assert await store.complete(done_old, t, State.DONE, b"old", 0.2)
-    assert await store.claim(flying_old, token(), FP, LONG, 0.2) is None
+    assert await store.claim(flying_old, token(), FP, 0.2, 0.2) is None
     t = token()
     assert await store.claim(done_live, t, FP, LONG, LONG) is None
     assert await store.complete(done_live, t, State.DONE, b"live", LONG)
@@ -345,7 +359,7 @@ async def test_purge_expired_deletes_only_expired_records(store: Store) -> None:
 async def test_purge_expired_honours_its_limit(store: Store) -> None:
     """purge_expired(limit) deletes at most ``limit`` records per call."""
     for _ in range(3):
-        assert await store.claim(rid(), token(), FP, LONG, 0.2) is None
+        assert await store.claim(rid(), token(), FP, 0.2, 0.2) is None
     await asyncio.sleep(0.35)
     assert await store.purge_expired(limit=2) == 2
     assert await store.purge_expired(limit=2) == 1

@@ -93,7 +93,7 @@ class IdempotencyMiddleware:
         if body is None:
             await self._send_problem(send, engine.body_too_large(request, policy))
             return
-        request = RequestView(request.method, request.path, request.query, request.headers, body)
+        request.body = body
         answer = await engine.begin(request, key, policy)
         if isinstance(answer, Problem):
             await self._send_problem(send, answer)

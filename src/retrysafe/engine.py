@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import secrets
+import random
 import time
 from collections import Counter
 from collections.abc import Coroutine, Iterable, Sequence
@@ -25,7 +25,7 @@ from typing import Any, Unpack
 
 from .errors import CorruptRecord, StoreError
 from .fingerprint import RequestView, default_fingerprint
-from .hooks import Decision, Event, Hook, log_decision
+from .hooks import Decision, Event, Hook, log_decision, log_enabled
 from .keys import MalformedKey, find_key
 from .policy import Policy, PolicyOptions, Route
 from .problems import DEFAULT_PROBLEM_BASE, Problem, ProblemType
@@ -92,6 +92,13 @@ class Engine:
         }
         self._next_purge = 0.0
         self._background: set[asyncio.Task[None]] = set()
+        # One timer per engine renews the leases of every running execution, rather than one
+        # timer per request: most requests end long before their first renewal is due.
+        self._running: dict[Execution, None] = {}
+        self._tick: asyncio.TimerHandle | None = None
+        self._tick_loop: asyncio.AbstractEventLoop | None = None
+        self._tick_every = min(p.lease for p in [self.policy, *(p for _, p in self.routes)]) / 3
+        self._log_only = self.hooks == [log_decision]
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -105,7 +112,7 @@ class Engine:
     ) -> None:
         """Count ``event`` and pass it to every hook."""
         self.counts[event] += 1
-        if not self.hooks:
+        if not self.hooks or (self._log_only and not log_enabled(event)):
             return
         decision = Decision(event, request.method, request.path, rid[:6].hex(), status, detail)
         for hook in self.hooks:
@@ -174,7 +181,8 @@ class Engine:
         self._maybe_purge()
         corrupt = 0
         while corrupt < 3:  # a corrupt record is removed, then the claim is tried again
-            token = secrets.randbits(63)
+            # Unique, not secret: ``random`` is reseeded in every forked worker.
+            token = random.getrandbits(63)
             try:
                 record = await self.store.claim(rid, token, fingerprint, policy.lease, policy.ttl)
             except CorruptRecord as exc:
@@ -262,6 +270,29 @@ class Engine:
 
     # -- background work --------------------------------------------------------------------
 
+    def watch(self, execution: Execution) -> None:
+        """Renew ``execution``'s lease until :meth:`unwatch` (the heartbeat)."""
+        self._running[execution] = None
+        loop = asyncio.get_running_loop()
+        if self._tick is None or self._tick_loop is not loop:
+            self._tick_loop = loop
+            self._tick = loop.call_later(self._tick_every, self._heartbeat)
+
+    def unwatch(self, execution: Execution) -> None:
+        self._running.pop(execution, None)
+
+    def _heartbeat(self) -> None:
+        self._tick = None
+        loop = self._tick_loop
+        if not self._running or loop is None:
+            return  # re-armed by the next watch()
+        now = loop.time()
+        for execution in list(self._running):
+            if execution.renew_at <= now:
+                execution.renew_at = now + execution.renew_every
+                self.spawn(execution.renew())
+        self._tick = loop.call_later(self._tick_every, self._heartbeat)
+
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run ``coroutine`` in the background, keeping a reference until it is done."""
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -296,7 +327,6 @@ class Execution:
     """
 
     __slots__ = (
-        "_beat",
         "_body",
         "_done",
         "_headers",
@@ -304,6 +334,8 @@ class Execution:
         "_status",
         "engine",
         "policy",
+        "renew_at",
+        "renew_every",
         "request",
         "rid",
         "token",
@@ -322,33 +354,22 @@ class Execution:
         self._body: list[bytes] | None = []
         self._size = 0
         self._done = policy is None
-        self._beat: asyncio.TimerHandle | None = None
+        self.renew_every = 0.0 if policy is None else policy.lease / 3
+        self.renew_at = asyncio.get_running_loop().time() + self.renew_every
+        """When the engine's heartbeat renews the lease next (event loop time)."""
         if policy is not None:
-            self._schedule_heartbeat()
+            engine.watch(self)
 
-    # -- heartbeat --------------------------------------------------------------------------
-
-    def _schedule_heartbeat(self) -> None:
-        assert self.policy is not None
-        loop = asyncio.get_running_loop()
-        self._beat = loop.call_later(self.policy.lease / 3, self._heartbeat)
-
-    def _heartbeat(self) -> None:
-        if not self._done:
-            self.engine.spawn(self._renew())
-
-    async def _renew(self) -> None:
+    async def renew(self) -> None:
+        """Renew the lease (called by the engine's heartbeat)."""
         assert self.policy is not None
         try:
             held = await self.engine.store.renew(self.rid, self.token, self.policy.lease)
         except StoreError as exc:
             logger.warning("retrysafe: lease renewal failed, will retry: %s", exc)
-            held = True
-        if self._done:
             return
-        if held:
-            self._schedule_heartbeat()
-        else:
+        if not held and not self._done:
+            self.engine.unwatch(self)
             self.engine.report(
                 Event.LEASE_LOST, self.request, self.rid, detail="the claim was taken over"
             )
@@ -358,8 +379,7 @@ class Execution:
         if self._done:
             return False
         self._done = True
-        if self._beat is not None:
-            self._beat.cancel()
+        self.engine.unwatch(self)
         return True
 
     # -- response capture -------------------------------------------------------------------
@@ -369,16 +389,11 @@ class Execution:
         self._status = status
         if self.policy is not None:
             headers = list(headers)
-            denied = self.policy.denied_headers
+            denied = self.policy.denied_header_bytes
             for name, value in headers:
                 if name.lower() == b"connection":  # it names more hop-by-hop headers (RFC 9110)
-                    listed = value.decode("latin-1").lower().split(",")
-                    denied = denied.union(v.strip() for v in listed)
-            self._headers = [
-                (name, value)
-                for name, value in headers
-                if name.decode("latin-1").lower() not in denied
-            ]
+                    denied = denied.union(v.strip() for v in value.lower().split(b","))
+            self._headers = [(name, value) for name, value in headers if name.lower() not in denied]
 
     def feed(self, chunk: bytes) -> None:
         """Record one chunk of the response body; past the storable size, keep only the count."""

@@ -16,9 +16,12 @@ from typing import Any
 __all__ = ["Fingerprinter", "RequestView", "canonical_json", "default_fingerprint"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestView:
-    """What retrysafe knows of a request: enough to scope and fingerprint it, framework-free."""
+    """What retrysafe knows of a request: enough to scope and fingerprint it, framework-free.
+
+    Faces fill ``body`` in once they have read it; callables should treat the view as read-only.
+    """
 
     method: str
     path: str
@@ -46,16 +49,23 @@ def _is_json(content_type: bytes | None) -> bool:
     return media == b"application/json" or media.endswith(b"+json")
 
 
+_decode = json.JSONDecoder().decode
+_encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
 def canonical_json(body: bytes, exclude: Collection[str] = ()) -> bytes | None:
     """Return the canonical form of a JSON body, or None if it is not valid JSON."""
     try:
-        document: Any = json.loads(body)
+        try:
+            document: Any = _decode(body.decode())
+        except UnicodeDecodeError:
+            document = json.loads(body)  # UTF-16 or UTF-32, detected by json
     except (ValueError, RecursionError):
         return None
     if exclude and isinstance(document, dict):
         document = {k: v for k, v in document.items() if k not in exclude}
     try:
-        text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        text = _encode(document)
     except (ValueError, RecursionError):
         return None
     return text.encode("utf-8", "surrogatepass")

@@ -11,12 +11,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Decision", "Event", "Hook", "log_decision"]
+__all__ = ["Decision", "Event", "Hook", "log_decision", "log_enabled"]
 
 logger = logging.getLogger("retrysafe")
 
 
-class Event(enum.Enum):
+class Event(enum.StrEnum):
     """What happened to one request (or one stage of it)."""
 
     EXECUTED = "executed"
@@ -64,10 +64,15 @@ class Decision:
 Hook = Callable[[Decision], None]
 
 
+def log_enabled(event: Event) -> bool:
+    """Whether :func:`log_decision` would log ``event`` (so a Decision need not be built)."""
+    return logger.isEnabledFor(logging.WARNING if event in _WARNINGS else logging.DEBUG)
+
+
 def log_decision(decision: Decision) -> None:
     """The built-in hook: one log line per decision on the ``retrysafe`` logger."""
-    level = logging.WARNING if decision.event in _WARNINGS else logging.DEBUG
-    if logger.isEnabledFor(level):
+    if log_enabled(decision.event):
+        level = logging.WARNING if decision.event in _WARNINGS else logging.DEBUG
         logger.log(
             level,
             "%s %s %s record=%s status=%s %s",

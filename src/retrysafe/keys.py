@@ -18,7 +18,7 @@ class MalformedKey(ValueError):
 
 
 def _printable(text: str) -> bool:
-    return all(" " <= ch <= "~" for ch in text)
+    return text.isascii() and text.isprintable()
 
 
 def parse_key(raw: bytes) -> str:

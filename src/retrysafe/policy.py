@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypedDict, Unpack
 
 from .errors import ConfigError
@@ -67,7 +67,9 @@ class Policy:
     scope_headers: tuple[str, ...] = ("authorization",)
     scope_cookies: tuple[str, ...] = ()
     denied_headers: frozenset[str] = DEFAULT_DENIED_HEADERS
-    """Response headers neither stored nor replayed (lower case)."""
+    """Response headers neither stored nor replayed; replaces the default list (extend it with
+    ``DEFAULT_DENIED_HEADERS | {...}``)."""
+    denied_header_bytes: frozenset[bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("ttl", "lease"):
@@ -80,9 +82,9 @@ class Policy:
                 raise ConfigError(f"{name} must be >= 0 bytes")
         object.__setattr__(self, "methods", frozenset(m.upper() for m in self.methods))
         object.__setattr__(self, "exclude_fields", frozenset(self.exclude_fields))
-        object.__setattr__(
-            self, "denied_headers", frozenset(h.lower() for h in self.denied_headers)
-        )
+        denied = frozenset(h.lower() for h in self.denied_headers)
+        object.__setattr__(self, "denied_headers", denied)
+        object.__setattr__(self, "denied_header_bytes", frozenset(h.encode() for h in denied))
 
     def with_options(self, options: PolicyOptions) -> Policy:
         """Return this policy with ``options`` overriding it."""
@@ -118,7 +120,7 @@ class PolicyOptions(TypedDict, total=False):
     denied_headers: Collection[str]
 
 
-_FIELD_NAMES = frozenset(f.name for f in fields(Policy))
+_FIELD_NAMES = frozenset(f.name for f in fields(Policy) if f.init)
 
 _PATTERN_PART = re.compile(r"\*\*|\*|\{[^}/]*\}")
 

@@ -29,12 +29,17 @@ class Store(abc.ABC):
 
         The claim is taken when there is no record, when the record has expired, or when it is
         in flight and its lease ran out (its holder is presumed dead). Otherwise nothing is
-        written and the existing record is returned.
+        written and the existing record is returned. A claimed record expires no sooner than
+        its lease ends: ``expires_at = now + max(ttl, lease)``.
         """
 
     @abc.abstractmethod
     async def renew(self, rid: bytes, token: int, lease: float) -> bool:
-        """Extend the lease of the in-flight claim ``token``; False if it is no longer held."""
+        """Extend the lease of the in-flight claim ``token``; False if it is no longer held.
+
+        ``expires_at`` is pushed to the new lease end if it was earlier, so that a record never
+        expires under a live holder (a handler that runs longer than ``ttl``).
+        """
 
     @abc.abstractmethod
     async def complete(

@@ -40,7 +40,9 @@ class MemoryStore(Store):
                 record.state is State.IN_FLIGHT and record.lease_until <= now
             ):
                 return record
-            self._records[rid] = Record(State.IN_FLIGHT, token, fingerprint, now + lease, now + ttl)
+            self._records[rid] = Record(
+                State.IN_FLIGHT, token, fingerprint, now + lease, now + max(ttl, lease)
+            )
             return None
 
     def _held(self, rid: bytes, token: int) -> Record | None:
@@ -54,7 +56,10 @@ class MemoryStore(Store):
             record = self._held(rid, token)
             if record is None:
                 return False
-            self._records[rid] = replace(record, lease_until=self._clock() + lease)
+            until = self._clock() + lease
+            self._records[rid] = replace(
+                record, lease_until=until, expires_at=max(record.expires_at, until)
+            )
             return True
 
     async def complete(
@@ -65,9 +70,7 @@ class MemoryStore(Store):
             if record is None:
                 return False
             now = self._clock()
-            self._records[rid] = replace(
-                record, state=state, response=response, lease_until=now, expires_at=now + ttl
-            )
+            self._records[rid] = Record(state, token, record.fingerprint, now, now + ttl, response)
             return True
 
     async def release(self, rid: bytes, token: int) -> bool:

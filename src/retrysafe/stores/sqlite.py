@@ -66,7 +66,8 @@ class SQLiteStore(Store):
             " WHERE expires_at <= ? OR (state = 0 AND lease_until <= ?) RETURNING token"
         )
         self._sql_renew = (
-            f"UPDATE {t} SET lease_until = ? WHERE rid = ? AND token = ? AND state = 0"
+            f"UPDATE {t} SET lease_until = ?1, expires_at = MAX(expires_at, ?1)"
+            " WHERE rid = ?2 AND token = ?3 AND state = 0"
         )
         self._sql_complete = (
             f"UPDATE {t} SET state = ?, response = ?, lease_until = ?, expires_at = ?"
@@ -157,6 +158,8 @@ class SQLiteStore(Store):
     async def claim(
         self, rid: bytes, token: int, fingerprint: bytes, lease: float, ttl: float
     ) -> Record | None:
+        expiry = max(ttl, lease)
+
         def op(conn: sqlite3.Connection) -> Record | None:
             for _ in range(8):
                 now = self._clock()
@@ -171,7 +174,7 @@ class SQLiteStore(Store):
                 ):
                     return record
                 taken = conn.execute(
-                    self._sql_claim, (rid, token, fingerprint, now + lease, now + ttl, now, now)
+                    self._sql_claim, (rid, token, fingerprint, now + lease, now + expiry, now, now)
                 ).fetchall()
                 if taken:
                     return None
