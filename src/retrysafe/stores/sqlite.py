@@ -55,6 +55,7 @@ class SQLiteStore(Store):
         self._clock = clock
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        self._checkpointer: _Checkpointer | None = None
         self._pid = 0
         t = table
         self._sql_get = f"SELECT {_COLUMNS} FROM {t} WHERE rid = ?"
@@ -90,6 +91,10 @@ class SQLiteStore(Store):
             if mode.lower() != "wal" and self.path != ":memory:":
                 raise sqlite3.OperationalError("database is locked (cannot enter WAL mode)")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            # Checkpoints copy the WAL into the file and fsync: done inline they would stall
+            # the event loop for milliseconds, so a background thread does them (below).
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute("PRAGMA journal_size_limit = 67108864")  # a reset WAL shrinks to 64 MiB
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreUnavailable(
@@ -115,6 +120,8 @@ class SQLiteStore(Store):
         if self._conn is None or self._pid != os.getpid():
             self._conn = self._connect()
             self._pid = os.getpid()
+            if self.path != ":memory:":
+                self._checkpointer = _Checkpointer(self.path)
         return self._conn
 
     async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
@@ -226,5 +233,47 @@ class SQLiteStore(Store):
     async def aclose(self) -> None:
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
+                if self._checkpointer is not None:
+                    self._checkpointer.stop()
                 self._conn.close()
             self._conn = None
+            self._checkpointer = None
+
+
+class _Checkpointer(threading.Thread):
+    """Keeps the WAL short from a daemon thread, so that no checkpoint runs on the event loop.
+
+    PASSIVE checkpoints never block the writers. If steady writing keeps them from ever
+    catching up, the WAL would only grow; past ``RESTART_FRAMES`` a RESTART checkpoint makes
+    writers wait (asynchronously, as for any busy moment) while the log is brought back to
+    the start.
+    """
+
+    INTERVAL = 0.05
+    RESTART_FRAMES = 4096
+
+    def __init__(self, path: str) -> None:
+        super().__init__(name="retrysafe-sqlite-checkpoint", daemon=True)
+        self._path = path
+        self._stopping = threading.Event()
+        self.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        try:
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error:
+            return
+        with conn:
+            conn.execute("PRAGMA busy_timeout = 1000")
+            frames = 0
+            while not self._stopping.wait(self.INTERVAL):
+                mode = "RESTART" if frames > self.RESTART_FRAMES else "PASSIVE"
+                try:
+                    busy, log, _ = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+                except sqlite3.Error:
+                    continue  # busy or transient: try again at the next interval
+                frames = 0 if mode == "RESTART" and not busy else log
+        conn.close()
