@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any, Unpack
 
 from .engine import Engine, Execution, Replay
@@ -76,8 +76,12 @@ class IdempotencyMiddleware:
         if policy is None:
             await self.app(scope, receive, send)
             return
+        headers = scope["headers"]
+        if not policy.require_key and not _has_header(headers, engine.header):
+            await self.app(scope, receive, send)  # the common case: no key, nothing to do
+            return
         request = RequestView(
-            scope["method"], scope["path"], scope.get("query_string", b""), scope["headers"], b""
+            scope["method"], scope["path"], scope.get("query_string", b""), headers, b""
         )
         key = engine.read_key(request, policy)
         if key is None:
@@ -119,6 +123,11 @@ class IdempotencyMiddleware:
     async def aclose(self) -> None:
         """Close the ledger (for apps that manage their own lifespan)."""
         await self.engine.aclose()
+
+
+def _has_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:
+    size = len(name)
+    return any(len(header) == size and header.lower() == name for header, _ in headers)
 
 
 async def _read_body(request: RequestView, receive: Receive, policy: Policy) -> bytes | None:

@@ -28,6 +28,18 @@ SCHEMA_VERSION = 1
 _COLUMNS = "state, token, fingerprint, lease_until, expires_at, response"
 
 
+_forks = 0
+"""How many forks this process descends from: a connection opened before a fork is not reused."""
+
+
+def _after_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 class SQLiteStore(Store):
     """A ledger in one SQLite file. Safe for many processes on one host; not for network disks."""
 
@@ -56,7 +68,7 @@ class SQLiteStore(Store):
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._checkpointer: _Checkpointer | None = None
-        self._pid = 0
+        self._generation = -1
         t = table
         self._sql_get = f"SELECT {_COLUMNS} FROM {t} WHERE rid = ?"
         self._sql_claim = (
@@ -117,9 +129,9 @@ class SQLiteStore(Store):
 
     def _connection(self) -> sqlite3.Connection:
         # A connection must not cross a fork: worker processes each open their own.
-        if self._conn is None or self._pid != os.getpid():
+        if self._conn is None or self._generation != _forks:
             self._conn = self._connect()
-            self._pid = os.getpid()
+            self._generation = _forks
             if self.path != ":memory:":
                 self._checkpointer = _Checkpointer(self.path)
         return self._conn
@@ -232,7 +244,7 @@ class SQLiteStore(Store):
 
     async def aclose(self) -> None:
         with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
+            if self._conn is not None and self._generation == _forks:
                 if self._checkpointer is not None:
                     self._checkpointer.stop()
                 self._conn.close()
