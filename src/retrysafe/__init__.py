@@ -10,11 +10,12 @@ from .engine import Engine, Execution, Replay
 from .errors import ConfigError, CorruptRecord, RetrysafeError, StoreError, StoreUnavailable
 from .fingerprint import RequestView
 from .hooks import Decision, Event, Hook, log_decision
-from .policy import Policy, Route, default_store_status
+from .policy import DEFAULT_DENIED_HEADERS, Policy, Route, default_store_status
 from .problems import Problem, ProblemType
 from .stores import MemoryStore, SQLiteStore, Store, open_store
 
 __all__ = [
+    "DEFAULT_DENIED_HEADERS",
     "ConfigError",
     "CorruptRecord",
     "Decision",
