@@ -416,3 +416,45 @@ async def test_sqlite_wal_stays_bounded_under_steady_writes(tmp_path: os.PathLik
         assert _wal_size(path) <= 64 << 20
     finally:
         await store.aclose()
+
+
+async def test_claim_keeps_the_scope_tag_and_claim_time(store: Store) -> None:
+    """A record carries the scope tag it was claimed with and when it was claimed."""
+    r = rid()
+    assert await store.claim(r, token(), FP, LONG, LONG, scope=b"tag-0001") is None
+    record = await store.get(r)
+    assert record is not None
+    assert record.scope == b"tag-0001"
+    assert record.created_at > 0
+
+
+async def test_scan_pages_through_every_live_record_once(store: Store) -> None:
+    """scan() returns each live record exactly once across pages, and no expired one."""
+    live = {rid() for _ in range(7)}
+    for r in live:
+        assert await store.claim(r, token(), FP, LONG, LONG) is None
+    assert await store.claim(rid(), token(), FP, 0.1, 0.1) is None  # expires below
+    await asyncio.sleep(0.25)
+    seen: list[bytes] = []
+    cursor: str | None = None
+    for _ in range(10):
+        page, cursor = await store.scan(cursor, limit=3)
+        assert len(page) <= 3
+        seen += [r for r, _ in page]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(live)
+
+
+async def test_stats_count_records_by_state(store: Store) -> None:
+    """stats() counts in-flight, done and not-replayable records."""
+    flying, done, big = rid(), rid(), rid()
+    assert await store.claim(flying, token(), FP, LONG, LONG) is None
+    t = token()
+    assert await store.claim(done, t, FP, LONG, LONG) is None
+    assert await store.complete(done, t, State.DONE, b"r", LONG)
+    t = token()
+    assert await store.claim(big, t, FP, LONG, LONG) is None
+    assert await store.complete(big, t, State.NOT_REPLAYABLE, None, LONG)
+    stats = await store.stats()
+    assert (stats.in_flight, stats.done, stats.not_replayable) == (1, 1, 1)

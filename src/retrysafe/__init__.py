@@ -7,7 +7,14 @@ for the ledgers.
 
 from .asgi import IdempotencyMiddleware
 from .engine import Engine, Execution, Replay
-from .errors import ConfigError, CorruptRecord, RetrysafeError, StoreError, StoreUnavailable
+from .errors import (
+    ConfigError,
+    CorruptRecord,
+    RetrysafeError,
+    StoreBusy,
+    StoreError,
+    StoreUnavailable,
+)
 from .fingerprint import RequestView
 from .hooks import Decision, Event, Hook, log_decision
 from .policy import DEFAULT_DENIED_HEADERS, Policy, Route, default_store_status
@@ -34,6 +41,7 @@ __all__ = [
     "Route",
     "SQLiteStore",
     "Store",
+    "StoreBusy",
     "StoreError",
     "StoreUnavailable",
     "default_store_status",

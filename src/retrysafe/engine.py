@@ -155,16 +155,22 @@ class Engine:
             f"Requests with an Idempotency-Key may carry at most {policy.max_request_body} bytes.",
         )
 
-    def record_id(self, request: RequestView, key: str, policy: Policy) -> bytes:
-        """Hash (namespace, scope, key) into the id the ledger knows the record by."""
+    def record_id(self, request: RequestView, key: str, policy: Policy) -> tuple[bytes, bytes]:
+        """Hash (namespace, scope, key) into the record's id; also return the scope's tag.
+
+        The tag is a short hash of (namespace, scope) that operators can filter records by;
+        neither the key nor the credentials can be read back from either.
+        """
         scope = self._scopes[id(policy)](request)
         if scope is None:
             scope = ANONYMOUS
         elif isinstance(scope, str):
             scope = scope.encode("utf-8", "surrogatepass")
         digest = hashlib.sha256(self.namespace)
-        digest.update(b"\0%d\0" % len(scope) + scope + b"\0" + key.encode("ascii"))
-        return digest.digest()
+        digest.update(b"\0%d\0" % len(scope) + scope)
+        tag = digest.copy().digest()[:8]
+        digest.update(b"\0" + key.encode("ascii"))
+        return digest.digest(), tag
 
     def fingerprint(self, request: RequestView, policy: Policy) -> bytes:
         if policy.fingerprint is not None:
@@ -175,7 +181,7 @@ class Engine:
         self, request: RequestView, key: str, policy: Policy
     ) -> Execution | Replay | Problem:
         """Claim ``key`` for ``request`` (whose body is read) and say what the face must do."""
-        rid = self.record_id(request, key, policy)
+        rid, scope = self.record_id(request, key, policy)
         fingerprint = self.fingerprint(request, policy)
         deadline = time.monotonic() + policy.wait
         self._maybe_purge()
@@ -184,7 +190,9 @@ class Engine:
             # Unique, not secret: ``random`` is reseeded in every forked worker.
             token = random.getrandbits(63)
             try:
-                record = await self.store.claim(rid, token, fingerprint, policy.lease, policy.ttl)
+                record = await self.store.claim(
+                    rid, token, fingerprint, policy.lease, policy.ttl, scope=scope
+                )
             except CorruptRecord as exc:
                 corrupt += 1
                 await self._drop_corrupt(request, rid, exc.token, str(exc))

@@ -9,7 +9,14 @@ RetrysafeError
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "CorruptRecord", "RetrysafeError", "StoreError", "StoreUnavailable"]
+__all__ = [
+    "ConfigError",
+    "CorruptRecord",
+    "RetrysafeError",
+    "StoreBusy",
+    "StoreError",
+    "StoreUnavailable",
+]
 
 
 class RetrysafeError(Exception):
@@ -25,7 +32,15 @@ class StoreError(RetrysafeError):
 
 
 class StoreUnavailable(StoreError):
-    """The ledger cannot be reached, or stayed busy past its time budget."""
+    """The ledger cannot be reached (or is busy: see :class:`StoreBusy`)."""
+
+
+class StoreBusy(StoreUnavailable):
+    """The ledger is up but stayed busy (contended) past its time budget.
+
+    Unlike an outage this never lets ``fail_open`` run a request unprotected: under load,
+    that would turn contention into duplicate executions.
+    """
 
 
 class CorruptRecord(RetrysafeError):

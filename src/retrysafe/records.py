@@ -31,6 +31,10 @@ class Record:
     expires_at: float
     response: bytes | None = None
     """The encoded :class:`StoredResponse` of a DONE record."""
+    scope: bytes = b""
+    """A short hash of the caller's scope (never the credentials): lets operators filter."""
+    created_at: float = 0.0
+    """When the claim that wrote this record was taken."""
 
 
 _MAGIC = b"RS1"

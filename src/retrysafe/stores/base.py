@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from dataclasses import dataclass
 from types import TracebackType
 
 from ..records import Record, State
 
-__all__ = ["Store"]
+__all__ = ["Store", "StoreStats"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """How many records a store holds, by state; ``expired`` are awaiting a purge."""
+
+    in_flight: int = 0
+    done: int = 0
+    not_replayable: int = 0
+    expired: int = 0
 
 
 class Store(abc.ABC):
@@ -23,14 +34,22 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def claim(
-        self, rid: bytes, token: int, fingerprint: bytes, lease: float, ttl: float
+        self,
+        rid: bytes,
+        token: int,
+        fingerprint: bytes,
+        lease: float,
+        ttl: float,
+        *,
+        scope: bytes = b"",
     ) -> Record | None:
         """Claim ``rid`` for the caller, atomically; return None when the claim is taken.
 
         The claim is taken when there is no record, when the record has expired, or when it is
         in flight and its lease ran out (its holder is presumed dead). Otherwise nothing is
         written and the existing record is returned. A claimed record expires no sooner than
-        its lease ends: ``expires_at = now + max(ttl, lease)``.
+        its lease ends: ``expires_at = now + max(ttl, lease)``. ``scope`` (a short hash) and
+        the claim time are kept in the record for operators.
         """
 
     @abc.abstractmethod
@@ -62,6 +81,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def purge_expired(self, limit: int = 1000) -> int:
         """Delete up to ``limit`` expired records; return how many were deleted."""
+
+    @abc.abstractmethod
+    async def scan(
+        self, cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[tuple[bytes, Record]], str | None]:
+        """Return a page of live records and the cursor of the next page (None: no more).
+
+        Pass the returned cursor back to continue; the order is the store's own. For operators'
+        tools, not for the request path.
+        """
+
+    @abc.abstractmethod
+    async def stats(self) -> StoreStats:
+        """Count the records by state (a full scan on some stores: operators only)."""
 
     async def wait(self, rid: bytes, timeout: float) -> None:  # noqa: ASYNC109
         """Return when ``rid`` may have changed, or after ``timeout`` seconds at most.

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
 from ..records import Record, State
-from .base import Store
+from .base import Store, StoreStats
 
 __all__ = ["MemoryStore"]
 
@@ -31,7 +32,14 @@ class MemoryStore(Store):
         return record
 
     async def claim(
-        self, rid: bytes, token: int, fingerprint: bytes, lease: float, ttl: float
+        self,
+        rid: bytes,
+        token: int,
+        fingerprint: bytes,
+        lease: float,
+        ttl: float,
+        *,
+        scope: bytes = b"",
     ) -> Record | None:
         with self._lock:
             now = self._clock()
@@ -41,8 +49,9 @@ class MemoryStore(Store):
             ):
                 return record
             self._records[rid] = Record(
-                State.IN_FLIGHT, token, fingerprint, now + lease, now + max(ttl, lease)
-            )
+                State.IN_FLIGHT, token, fingerprint, now + lease, now + max(ttl, lease),
+                None, scope, now,
+            )  # fmt: skip
             return None
 
     def _held(self, rid: bytes, token: int) -> Record | None:
@@ -70,7 +79,9 @@ class MemoryStore(Store):
             if record is None:
                 return False
             now = self._clock()
-            self._records[rid] = Record(state, token, record.fingerprint, now, now + ttl, response)
+            self._records[rid] = replace(
+                record, state=state, response=response, lease_until=now, expires_at=now + ttl
+            )
             return True
 
     async def release(self, rid: bytes, token: int) -> bool:
@@ -96,3 +107,28 @@ class MemoryStore(Store):
             for rid in expired:
                 del self._records[rid]
             return len(expired)
+
+    async def scan(
+        self, cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[tuple[bytes, Record]], str | None]:
+        with self._lock:
+            now = self._clock()
+            after = bytes.fromhex(cursor) if cursor else b""
+            live = sorted(
+                (rid, r) for rid, r in self._records.items() if rid > after and r.expires_at > now
+            )
+        page = live[:limit]
+        return page, (page[-1][0].hex() if len(live) > limit else None)
+
+    async def stats(self) -> StoreStats:
+        with self._lock:
+            now = self._clock()
+            states = Counter(
+                r.state if r.expires_at > now else None for r in self._records.values()
+            )
+        return StoreStats(
+            in_flight=states[State.IN_FLIGHT],
+            done=states[State.DONE],
+            not_replayable=states[State.NOT_REPLAYABLE],
+            expired=states[None],
+        )

@@ -19,13 +19,13 @@ from typing import Any, TypeVar
 
 from ..errors import ConfigError, CorruptRecord, StoreUnavailable
 from ..records import Record, State
-from .base import Store
+from .base import Store, StoreStats
 
 __all__ = ["SQLiteStore"]
 
 T = TypeVar("T")
 SCHEMA_VERSION = 1
-_COLUMNS = "state, token, fingerprint, lease_until, expires_at, response"
+_COLUMNS = "state, token, fingerprint, lease_until, expires_at, response, scope, created_at"
 
 
 _forks = 0
@@ -72,11 +72,13 @@ class SQLiteStore(Store):
         t = table
         self._sql_get = f"SELECT {_COLUMNS} FROM {t} WHERE rid = ?"
         self._sql_claim = (
-            f"INSERT INTO {t} (rid, token, state, fingerprint, lease_until, expires_at, response)"
-            " VALUES (?, ?, 0, ?, ?, ?, NULL) ON CONFLICT (rid) DO UPDATE SET"
-            " token = excluded.token, state = 0, fingerprint = excluded.fingerprint,"
-            " lease_until = excluded.lease_until, expires_at = excluded.expires_at, response = NULL"
-            " WHERE expires_at <= ? OR (state = 0 AND lease_until <= ?) RETURNING token"
+            f"INSERT INTO {t} (rid, token, state, fingerprint, lease_until, expires_at, response,"
+            " scope, created_at) VALUES (?1, ?2, 0, ?3, ?4, ?5, NULL, ?6, ?7)"
+            " ON CONFLICT (rid) DO UPDATE SET token = excluded.token, state = 0,"
+            " fingerprint = excluded.fingerprint, lease_until = excluded.lease_until,"
+            " expires_at = excluded.expires_at, response = NULL, scope = excluded.scope,"
+            " created_at = excluded.created_at"
+            " WHERE expires_at <= ?7 OR (state = 0 AND lease_until <= ?7) RETURNING token"
         )
         self._sql_renew = (
             f"UPDATE {t} SET lease_until = ?1, expires_at = MAX(expires_at, ?1)"
@@ -117,7 +119,8 @@ class SQLiteStore(Store):
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {t} (rid BLOB PRIMARY KEY, token INTEGER NOT NULL,"
                 " state INTEGER NOT NULL, fingerprint BLOB NOT NULL, lease_until REAL NOT NULL,"
-                " expires_at REAL NOT NULL, response BLOB)"
+                " expires_at REAL NOT NULL, response BLOB, scope BLOB NOT NULL DEFAULT x'',"
+                " created_at REAL NOT NULL DEFAULT 0)"
             )
             conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_expiry ON {t} (expires_at)")
             if version < SCHEMA_VERSION:
@@ -159,7 +162,7 @@ class SQLiteStore(Store):
 
     @staticmethod
     def _record(row: Any) -> Record:
-        state, token, fingerprint, lease_until, expires_at, response = row
+        state, token, fingerprint, lease_until, expires_at, response, scope, created_at = row
         try:
             return Record(
                 State(state),
@@ -168,6 +171,8 @@ class SQLiteStore(Store):
                 float(lease_until),
                 float(expires_at),
                 None if response is None else bytes(response),
+                bytes(scope),
+                float(created_at),
             )
         except (ValueError, TypeError) as exc:
             raise CorruptRecord(f"undecodable ledger row: {exc}", token) from exc
@@ -175,7 +180,14 @@ class SQLiteStore(Store):
     # -- primitives -------------------------------------------------------------------------
 
     async def claim(
-        self, rid: bytes, token: int, fingerprint: bytes, lease: float, ttl: float
+        self,
+        rid: bytes,
+        token: int,
+        fingerprint: bytes,
+        lease: float,
+        ttl: float,
+        *,
+        scope: bytes = b"",
     ) -> Record | None:
         expiry = max(ttl, lease)
 
@@ -193,7 +205,8 @@ class SQLiteStore(Store):
                 ):
                     return record
                 taken = conn.execute(
-                    self._sql_claim, (rid, token, fingerprint, now + lease, now + expiry, now, now)
+                    self._sql_claim,
+                    (rid, token, fingerprint, now + lease, now + expiry, scope, now),
                 ).fetchall()
                 if taken:
                     return None
@@ -240,6 +253,48 @@ class SQLiteStore(Store):
     async def purge_expired(self, limit: int = 1000) -> int:
         return await self._run(
             lambda conn: conn.execute(self._sql_purge, (self._clock(), limit)).rowcount
+        )
+
+    async def scan(
+        self, cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[tuple[bytes, Record]], str | None]:
+        after = bytes.fromhex(cursor) if cursor else b""
+
+        def op(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(
+                f"SELECT rid, {_COLUMNS} FROM {self._table} WHERE rid > ? AND expires_at > ?"
+                " ORDER BY rid LIMIT ?",
+                (after, self._clock(), limit + 1),
+            ).fetchall()
+
+        rows = await self._run(op)
+        page: list[tuple[bytes, Record]] = []
+        for row in rows[:limit]:
+            try:
+                page.append((bytes(row[0]), self._record(row[1:])))
+            except CorruptRecord:
+                continue  # the request path drops it when the key comes back
+        return page, (bytes(rows[limit - 1][0]).hex() if len(rows) > limit else None)
+
+    async def stats(self) -> StoreStats:
+        def op(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(
+                f"SELECT expires_at > ?, state, count(*) FROM {self._table} GROUP BY 1, 2",
+                (self._clock(),),
+            ).fetchall()
+
+        counts = {State.IN_FLIGHT: 0, State.DONE: 0, State.NOT_REPLAYABLE: 0}
+        expired = 0
+        for live, state, n in await self._run(op):
+            if not live:
+                expired += n
+            elif state in counts:
+                counts[State(state)] += n
+        return StoreStats(
+            in_flight=counts[State.IN_FLIGHT],
+            done=counts[State.DONE],
+            not_replayable=counts[State.NOT_REPLAYABLE],
+            expired=expired,
         )
 
     async def aclose(self) -> None:
