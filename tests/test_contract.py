@@ -15,6 +15,7 @@ import json
 import logging
 import secrets
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,15 @@ import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from retrysafe import Decision, Event, IdempotencyMiddleware, RequestView, Route
+from retrysafe import (
+    ConfigError,
+    Decision,
+    Engine,
+    Event,
+    IdempotencyMiddleware,
+    RequestView,
+    Route,
+)
 from retrysafe.policy import DEFAULT_DENIED_HEADERS, PolicyOptions
 from retrysafe.problems import DEFAULT_PROBLEM_BASE
 
@@ -120,7 +129,12 @@ async def serve(
 
 
 async def call_raw(
-    app: ASGIApp, method: str, path: str, headers: Headers, body: bytes = b""
+    app: ASGIApp,
+    method: str,
+    path: str,
+    headers: Headers,
+    body: bytes = b"",
+    extensions: dict[str, Any] | None = None,
 ) -> tuple[int, Headers, bytes]:
     """Call an ASGI app with exactly these header bytes; return status, headers, body."""
     scope: Scope = {
@@ -136,6 +150,7 @@ async def call_raw(
         "headers": headers,
         "server": ("t", 80),
         "client": ("127.0.0.1", 50000),
+        "extensions": extensions or {},
     }
     delivered = False
     sent: list[Message] = []
@@ -1277,3 +1292,180 @@ async def _close_middleware(app: Any) -> None:
             return
         node = getattr(node, "app", None)
     raise AssertionError("IdempotencyMiddleware not found in the middleware stack")
+
+
+# -- review fixes: configuration traps, routes, user callables, file sends, lifecycle ------------
+
+
+@pytest.mark.parametrize(
+    "option", ["methods", "scope_headers", "scope_cookies", "exclude_fields", "denied_headers"]
+)
+def test_a_string_where_names_are_expected_is_refused(option: str) -> None:
+    """methods="POST" or scope_headers="x-api-key" is a ConfigError, never a set of letters."""
+    options: dict[str, Any] = {option: "x-api-key"}
+    with pytest.raises(ConfigError, match=option):
+        IdempotencyMiddleware(Counting(), store="memory://", **options)
+
+
+async def test_scope_headers_add_to_authorization(store_url: str) -> None:
+    """Callers with one API-key header but different Authorization never share a record."""
+    app = Counting()
+    async with serve(app, store_url, scope_headers=["X-API-Key"]) as (client, _):
+        alice = await client.post(
+            "/o", headers=key(authorization="Bearer alice", x_api_key="shared"), json={}
+        )
+        bob = await client.post(
+            "/o", headers=key(authorization="Bearer bob", x_api_key="shared"), json={}
+        )
+    assert_original(alice, 1)
+    assert_original(bob, 2)
+
+
+async def test_a_newline_in_the_path_does_not_escape_a_route() -> None:
+    """A path with a newline (%0A) still falls under its route's policy (require_key)."""
+    app = Counting()
+    middleware = IdempotencyMiddleware(
+        app, store="memory://", routes=[Route("/v1/**", require_key=True)]
+    )
+    status, _, body = await call_raw(middleware, "POST", "/v1/charges\n", [])
+    assert status == 400
+    assert json.loads(body)["type"].endswith("missing-key")
+    assert app.calls == 0
+
+
+async def test_scope_callable_may_return_a_user_id_number(store_url: str) -> None:
+    """A scope callable returning an int (a user id) works and separates users."""
+
+    def user(request: RequestView) -> int:
+        return int(request.header(b"x-user") or 0)
+
+    app = Counting()
+    async with serve(app, store_url, scope=user) as (client, _):
+        one = await client.post("/o", headers=key(x_user="1"), json={})
+        two = await client.post("/o", headers=key(x_user="2"), json={})
+        again = await client.post("/o", headers=key(x_user="1"), json={})
+    assert_original(one, 1)
+    assert_original(two, 2)
+    assert_replay_of(again, one)
+
+
+async def test_a_raising_store_status_releases_the_key(store_url: str) -> None:
+    """If the store_status callable raises, the key is released: the retry runs, no stuck 409."""
+    calls = 0
+
+    def flaky(status: int) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("policy bug")
+        return True
+
+    app = Counting()
+    async with serve(app, store_url, store_status=flaky) as (client, _):
+        with pytest.raises(RuntimeError, match="policy bug"):
+            await client.post("/o", headers=key(), json={})
+        retry = await client.post("/o", headers=key(), json={})
+    assert_original(retry, 2)
+
+
+async def test_fail_open_never_applies_to_a_busy_store(tmp_path: Path) -> None:
+    """With fail_open, a store that is up but busy still gets 503: contention never duplicates."""
+    app = Counting()
+    url = sqlite_url(tmp_path, busy_timeout="0.2")
+    async with serve(app, url, fail_open=True) as (client, middleware):
+        await client.post("/o", headers=key("warm"))
+        other = sqlite3.connect(sqlite_path(url), isolation_level=None)
+        try:
+            other.execute("BEGIN EXCLUSIVE")
+            busy = await client.post("/o", headers=key("new"))
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+    assert_problem(busy, "store-unavailable", 503)
+    assert app.calls == 1
+    assert middleware.engine.counts[Event.FAIL_OPEN] == 0
+
+
+async def test_file_sends_are_hidden_so_the_body_is_recorded(store_url: str) -> None:
+    """An app that would use http.response.pathsend sends its body instead, and is replayed."""
+    calls = 0
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal calls
+        calls += 1
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if "http.response.pathsend" in scope.get("extensions", {}):
+            await send({"type": "http.response.pathsend", "path": "/etc/hostname"})
+        else:
+            await send({"type": "http.response.body", "body": b"file contents"})
+
+    middleware = IdempotencyMiddleware(app, store=store_url)
+    headers = [(b"idempotency-key", b"file-1")]
+    extensions: dict[str, Any] = {"http.response.pathsend": {}}
+    first = await call_raw(middleware, "POST", "/f", headers, extensions=extensions)
+    second = await call_raw(middleware, "POST", "/f", headers, extensions=extensions)
+    await middleware.aclose()
+    assert first[2] == second[2] == b"file contents"
+    assert (b"idempotent-replayed", b"true") in second[1]
+    assert calls == 1
+
+
+async def test_lifespan_shutdown_closes_the_ledger(tmp_path: Path) -> None:
+    """When the app's lifespan shuts down, the middleware closes its ledger (no thread left)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        else:
+            await Counting()(scope, receive, send)
+
+    middleware = IdempotencyMiddleware(app, store=sqlite_url(tmp_path))
+    await call_raw(middleware, "POST", "/o", [(b"idempotency-key", b"k")])
+    assert any(t.name == "retrysafe-sqlite-checkpoint" for t in threading.enumerate())
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return next(messages)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    for _ in range(100):  # bounded: the thread notices its stop flag within one interval
+        if not any(t.name == "retrysafe-sqlite-checkpoint" for t in threading.enumerate()):
+            break
+        await asyncio.sleep(0.02)
+    assert not any(t.name == "retrysafe-sqlite-checkpoint" for t in threading.enumerate())
+
+
+def test_engine_and_options_together_are_refused() -> None:
+    """IdempotencyMiddleware(engine=..., ttl=...) would silently ignore ttl: it is refused."""
+    engine = Engine("memory://")
+    with pytest.raises(ConfigError):
+        IdempotencyMiddleware(Counting(), engine=engine, ttl=5)
+
+
+async def test_numbers_a_float_cannot_hold_are_not_merged(store_url: str) -> None:
+    """10.0000000000000001 and 10.0 are different amounts: same key, 422, not a replay."""
+    app = Counting()
+    headers = {**key(), "content-type": "application/json"}
+    async with serve(app, store_url) as (client, _):
+        first = await client.post("/o", headers=headers, content=b'{"amount": 10.0}')
+        other = await client.post("/o", headers=headers, content=b'{"amount": 10.0000000000000001}')
+    assert_original(first, 1)
+    assert_problem(other, "key-reused", 422)
+
+
+async def test_problem_details_name_the_configured_header(store_url: str) -> None:
+    """With header="X-Request-Key", refusals speak of X-Request-Key."""
+    app = Counting()
+    async with serve(app, store_url, header="X-Request-Key", require_key=True) as (client, _):
+        response = await client.post("/o", json={})
+    assert "X-Request-Key" in assert_problem(response, "missing-key", 400)["detail"]

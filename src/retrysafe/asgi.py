@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Unpack
 
-from .engine import Engine, Execution, Replay
+from .engine import DEFAULT_STORE, Engine, EngineOptions, Execution, Replay
+from .errors import ConfigError
 from .fingerprint import RequestView
-from .hooks import Hook, log_decision
-from .policy import Policy, PolicyOptions, Route
-from .problems import DEFAULT_PROBLEM_BASE, Problem
+from .policy import Policy
+from .problems import Problem
 from .stores import Store
 
 __all__ = ["IdempotencyMiddleware"]
@@ -45,31 +45,24 @@ class IdempotencyMiddleware:
         self,
         app: ASGIApp,
         *,
-        store: Store | str = "sqlite:///retrysafe.db",
-        routes: Sequence[Route] = (),
-        namespace: str = "retrysafe",
-        header: str = "Idempotency-Key",
-        problem_base: str = DEFAULT_PROBLEM_BASE,
-        fail_open: bool = False,
-        hooks: Sequence[Hook] = (log_decision,),
+        store: Store | str | None = None,
         engine: Engine | None = None,
-        **options: Unpack[PolicyOptions],
+        **options: Unpack[EngineOptions],
     ) -> None:
         self.app = app
-        self.engine = engine or Engine(
-            store,
-            routes=routes,
-            namespace=namespace,
-            header=header,
-            problem_base=problem_base,
-            fail_open=fail_open,
-            hooks=hooks,
-            **options,
-        )
+        if engine is not None:
+            if store is not None or options:
+                raise ConfigError("pass either engine= or the store and options, not both")
+            self.engine = engine
+        else:
+            self.engine = Engine(DEFAULT_STORE if store is None else store, **options)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            if scope["type"] == "lifespan":
+                await self.app(scope, receive, self._closing_send(send))
+            else:
+                await self.app(scope, receive, send)
             return
         engine = self.engine
         policy = engine.policy_for(scope["method"], scope["path"])
@@ -107,7 +100,17 @@ class IdempotencyMiddleware:
             )
             await send({"type": "http.response.body", "body": answer.body})
         else:
-            await _Responder(self.app, answer, body)(scope, receive, send)
+            await _Responder(self.app, answer, body)(_without_file_sends(scope), receive, send)
+
+    def _closing_send(self, send: Send) -> Send:
+        """Close the ledger when the app reports its shutdown complete."""
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await self.engine.aclose()
+            await send(message)
+
+        return closing_send
 
     async def _send_problem(self, send: Send, problem: Problem) -> None:
         body = problem.body(self.engine.problem_base)
@@ -123,6 +126,18 @@ class IdempotencyMiddleware:
     async def aclose(self) -> None:
         """Close the ledger (for apps that manage their own lifespan)."""
         await self.engine.aclose()
+
+
+_FILE_SENDS = ("http.response.pathsend", "http.response.zerocopysend")
+
+
+def _without_file_sends(scope: Scope) -> Scope:
+    """Hide the extensions that send a file by reference: the body must pass through us."""
+    extensions = scope.get("extensions")
+    if not extensions or not any(name in extensions for name in _FILE_SENDS):
+        return scope
+    kept = {name: value for name, value in extensions.items() if name not in _FILE_SENDS}
+    return {**scope, "extensions": kept}
 
 
 def _has_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:

@@ -23,23 +23,26 @@ from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Unpack
 
-from .errors import CorruptRecord, StoreError
+from .errors import CorruptRecord, StoreBusy, StoreError
 from .fingerprint import RequestView, default_fingerprint
 from .hooks import Decision, Event, Hook, log_decision, log_enabled
 from .keys import MalformedKey, find_key
 from .policy import Policy, PolicyOptions, Route
 from .problems import DEFAULT_PROBLEM_BASE, Problem, ProblemType
-from .records import Record, State, StoredResponse
-from .scope import ANONYMOUS, credentials_scope
+from .records import State, StoredResponse
+from .scope import ANONYMOUS
 from .stores import Store, open_store
 
-__all__ = ["Engine", "Execution", "Replay"]
+__all__ = ["DEFAULT_STORE", "Engine", "EngineOptions", "Execution", "Replay"]
 
 logger = logging.getLogger("retrysafe")
 
 REPLAYED_HEADER = (b"idempotent-replayed", b"true")
-PURGE_INTERVAL = 300.0
+PURGE_INTERVAL = 60.0
 """Seconds between two sweeps of expired records by one engine."""
+PURGE_BATCH = 500
+OFFLOAD_BODY = 256 << 10
+"""Bodies larger than this are fingerprinted in a worker thread, off the event loop."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +64,26 @@ class Replay:
         return self.response.body
 
 
+DEFAULT_STORE = "sqlite:///retrysafe.db"
+
+
+class EngineOptions(PolicyOptions, total=False):
+    """Keyword options of :class:`Engine` and of every face built on it."""
+
+    routes: Sequence[Route]
+    namespace: str
+    header: str
+    problem_base: str
+    fail_open: bool
+    hooks: Iterable[Hook]
+
+
 class Engine:
     """One ledger, one default policy and its per-route overrides, and the hooks to report to."""
 
     def __init__(
         self,
-        store: Store | str = "sqlite:///retrysafe.db",
+        store: Store | str = DEFAULT_STORE,
         *,
         routes: Sequence[Route] = (),
         namespace: str = "retrysafe",
@@ -81,15 +98,12 @@ class Engine:
         self.routes = [(route, self.policy.with_options(route.options)) for route in routes]
         self.namespace = namespace.encode()
         self.header = header.lower().encode("latin-1")
+        self.header_name = header
         self.problem_base = problem_base
         self.fail_open = fail_open
         self.hooks = list(hooks)
         self.counts: Counter[Event] = Counter()
         """How many times each event happened in this process."""
-        self._scopes = {
-            id(p): p.scope or credentials_scope(p.scope_headers, p.scope_cookies)
-            for p in [self.policy, *(p for _, p in self.routes)]
-        }
         self._next_purge = 0.0
         self._background: set[asyncio.Task[None]] = set()
         # One timer per engine renews the leases of every running execution, rather than one
@@ -138,12 +152,12 @@ class Engine:
             key = find_key(request.headers, self.header)
         except MalformedKey as exc:
             self.report(Event.MALFORMED_KEY, request, status=400, detail=str(exc))
-            return Problem(ProblemType.MALFORMED_KEY, f"Idempotency-Key: {exc}.")
+            return Problem(ProblemType.MALFORMED_KEY, f"{self.header_name}: {exc}.")
         if key is None and policy.require_key:
             self.report(Event.MISSING_KEY, request, status=400)
             return Problem(
                 ProblemType.MISSING_KEY,
-                f"{request.method} {request.path} needs an Idempotency-Key.",
+                f"{request.method} {request.path} needs {self.header_name}.",
             )
         return key
 
@@ -152,7 +166,7 @@ class Engine:
         self.report(Event.BODY_TOO_LARGE, request, status=413)
         return Problem(
             ProblemType.BODY_TOO_LARGE,
-            f"Requests with an Idempotency-Key may carry at most {policy.max_request_body} bytes.",
+            f"Requests with {self.header_name} may carry at most {policy.max_request_body} bytes.",
         )
 
     def record_id(self, request: RequestView, key: str, policy: Policy) -> tuple[bytes, bytes]:
@@ -161,11 +175,13 @@ class Engine:
         The tag is a short hash of (namespace, scope) that operators can filter records by;
         neither the key nor the credentials can be read back from either.
         """
-        scope = self._scopes[id(policy)](request)
-        if scope is None:
+        found = policy.scope_function(request)
+        if found is None:
             scope = ANONYMOUS
-        elif isinstance(scope, str):
-            scope = scope.encode("utf-8", "surrogatepass")
+        elif isinstance(found, bytes):
+            scope = found
+        else:  # a str, or a user or tenant id of any other type
+            scope = str(found).encode("utf-8", "surrogatepass")
         digest = hashlib.sha256(self.namespace)
         digest.update(b"\0%d\0" % len(scope) + scope)
         tag = digest.copy().digest()[:8]
@@ -182,11 +198,14 @@ class Engine:
     ) -> Execution | Replay | Problem:
         """Claim ``key`` for ``request`` (whose body is read) and say what the face must do."""
         rid, scope = self.record_id(request, key, policy)
-        fingerprint = self.fingerprint(request, policy)
+        if len(request.body) > OFFLOAD_BODY:  # canonicalising MiBs of JSON takes a while
+            fingerprint = await asyncio.to_thread(self.fingerprint, request, policy)
+        else:
+            fingerprint = self.fingerprint(request, policy)
         deadline = time.monotonic() + policy.wait
         self._maybe_purge()
-        corrupt = 0
-        while corrupt < 3:  # a corrupt record is removed, then the claim is tried again
+        dropped = 0
+        while True:
             # Unique, not secret: ``random`` is reseeded in every forked worker.
             token = random.getrandbits(63)
             try:
@@ -194,79 +213,66 @@ class Engine:
                     rid, token, fingerprint, policy.lease, policy.ttl, scope=scope
                 )
             except CorruptRecord as exc:
-                corrupt += 1
-                await self._drop_corrupt(request, rid, exc.token, str(exc))
-                continue
+                corrupt_token, why = exc.token, str(exc)
             except StoreError as exc:
                 return self._store_failed(request, rid, exc)
-            if record is None:
-                self.report(Event.EXECUTED, request, rid)
-                return Execution(self, request, policy, rid, token)
-            answer = await self._existing(request, policy, rid, fingerprint, record, deadline)
-            if answer is not None:
-                return answer
-            if record.state is not State.IN_FLIGHT:  # a corrupt response was dropped
-                corrupt += 1
-            # else: a bounded wait for an in-flight original, ended by ``deadline``
-        return self._store_failed(request, rid, StoreError("the record kept changing"))
-
-    async def _existing(
-        self,
-        request: RequestView,
-        policy: Policy,
-        rid: bytes,
-        fingerprint: bytes,
-        record: Record,
-        deadline: float,
-    ) -> Execution | Replay | Problem | None:
-        """Answer from a record someone else holds; None means: claim again."""
-        if record.fingerprint != fingerprint:
-            self.report(Event.KEY_REUSED, request, rid, 422)
-            return Problem(
-                ProblemType.KEY_REUSED,
-                "This Idempotency-Key was used for a different request"
-                " (method, path, query or body); use a new key for a new request.",
-            )
-        if record.state is State.DONE:
-            try:
-                if record.response is None:
-                    raise ValueError("a done record without its response")
-                response = StoredResponse.decode(record.response)
-            except ValueError as exc:
-                await self._drop_corrupt(request, rid, record.token, str(exc))
-                return None
-            self.report(Event.REPLAYED, request, rid, response.status)
-            return Replay(response)
-        if record.state is not State.IN_FLIGHT:
-            self.report(Event.REPLAY_UNAVAILABLE, request, rid, 410)
-            return Problem(
-                ProblemType.REPLAY_UNAVAILABLE,
-                "The request with this Idempotency-Key was executed, but its response was too"
-                " large to keep; it will not be executed again.",
-            )
-        remaining = deadline - time.monotonic()
-        if remaining > 0:
-            try:
-                await self.store.wait(rid, remaining)
-            except StoreError as exc:
-                return self._store_failed(request, rid, exc)
-            return None
-        self.report(Event.IN_PROGRESS, request, rid, 409)
-        return Problem(
-            ProblemType.IN_PROGRESS,
-            "A request with this Idempotency-Key is being processed; retry later.",
-            retry_after=1,
-        )
-
-    async def _drop_corrupt(self, request: RequestView, rid: bytes, token: int, why: str) -> None:
-        self.report(Event.CORRUPT_RECORD, request, rid, detail=why)
-        with contextlib.suppress(StoreError):  # the next claim reports the store's state
-            await self.store.release(rid, token)
+            else:
+                if record is None:
+                    self.report(Event.EXECUTED, request, rid)
+                    return Execution(self, request, policy, rid, token)
+                if record.fingerprint != fingerprint:
+                    self.report(Event.KEY_REUSED, request, rid, 422)
+                    return Problem(
+                        ProblemType.KEY_REUSED,
+                        f"This {self.header_name} was used for a different request"
+                        " (method, path, query or body); use a new key for a new request.",
+                    )
+                if record.state is State.NOT_REPLAYABLE:
+                    self.report(Event.REPLAY_UNAVAILABLE, request, rid, 410)
+                    return Problem(
+                        ProblemType.REPLAY_UNAVAILABLE,
+                        f"The request with this {self.header_name} was executed, but its response"
+                        " was too large to keep; it will not be executed again.",
+                    )
+                if record.state is State.IN_FLIGHT:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self.report(Event.IN_PROGRESS, request, rid, 409)
+                        return Problem(
+                            ProblemType.IN_PROGRESS,
+                            f"A request with this {self.header_name} is being processed;"
+                            " retry later.",
+                            retry_after=1,
+                        )
+                    try:
+                        await self.store.wait(rid, remaining)
+                    except StoreError as exc:
+                        # The original may still be running: never let it run twice.
+                        return self._store_failed(request, rid, exc, may_fail_open=False)
+                    continue
+                try:
+                    response = StoredResponse.decode(record.response or b"")
+                except ValueError as exc:
+                    corrupt_token, why = record.token, str(exc)
+                else:
+                    self.report(Event.REPLAYED, request, rid, response.status)
+                    return Replay(response)
+            # The record cannot be decoded: it counts as absent. Drop that very version and
+            # claim again, a few times at most.
+            self.report(Event.CORRUPT_RECORD, request, rid, detail=why)
+            dropped += 1
+            if dropped > 2:
+                error = StoreError("a corrupt record keeps coming back")
+                return self._store_failed(request, rid, error, may_fail_open=False)
+            with contextlib.suppress(StoreError):  # the next claim reports the store's state
+                await self.store.release(rid, corrupt_token)
 
     def _store_failed(
-        self, request: RequestView, rid: bytes, exc: StoreError
+        self, request: RequestView, rid: bytes, exc: StoreError, *, may_fail_open: bool = True
     ) -> Execution | Problem:
-        if self.fail_open:
+        # Fail open only when the ledger is down, never when it is merely busy: under load
+        # that would turn contention into duplicate executions.
+        if self.fail_open and may_fail_open and not isinstance(exc, StoreBusy):
             self.report(Event.FAIL_OPEN, request, rid, detail=str(exc))
             return Execution(self, request, None, rid, 0)
         self.report(Event.STORE_ERROR, request, rid, 503, str(exc))
@@ -294,9 +300,12 @@ class Engine:
         loop = self._tick_loop
         if not self._running or loop is None:
             return  # re-armed by the next watch()
+        # Renew what falls due before the next tick, so that no lease goes unrenewed for more
+        # than lease/3 whatever the phase between a claim and the ticks.
+        horizon = loop.time() + self._tick_every
         now = loop.time()
         for execution in list(self._running):
-            if execution.renew_at <= now:
+            if execution.renew_at <= horizon:
                 execution.renew_at = now + execution.renew_every
                 self.spawn(execution.renew())
         self._tick = loop.call_later(self._tick_every, self._heartbeat)
@@ -315,7 +324,9 @@ class Engine:
 
     async def _purge(self) -> None:
         try:
-            await self.store.purge_expired()
+            for _ in range(1000):  # bounded: at most this many batches per sweep
+                if await self.store.purge_expired(PURGE_BATCH) < PURGE_BATCH:
+                    break
         except StoreError as exc:
             logger.warning("retrysafe: purging expired records failed: %s", exc)
 
@@ -373,8 +384,11 @@ class Execution:
         assert self.policy is not None
         try:
             held = await self.engine.store.renew(self.rid, self.token, self.policy.lease)
-        except StoreError as exc:
-            logger.warning("retrysafe: lease renewal failed, will retry: %s", exc)
+        except (StoreError, CorruptRecord) as exc:
+            self.engine.report(
+                Event.STORE_ERROR, self.request, self.rid, None,
+                f"the lease could not be renewed, will retry: {exc}",
+            )  # fmt: skip
             return
         if not held and not self._done:
             self.engine.unwatch(self)
@@ -415,12 +429,18 @@ class Execution:
 
     async def finish(self) -> None:
         """The response is complete: store it if its status is final, else release the key."""
-        if not self._stop():
+        if self._done:
             return
         assert self.policy is not None
+        try:
+            final = bool(self._status) and self.policy.store_status(self._status)
+        except BaseException:
+            await self.abort("the store_status policy raised an exception")
+            raise
+        self._stop()
         engine, request, rid = self.engine, self.request, self.rid
         try:
-            if not self._status or not self.policy.store_status(self._status):
+            if not final:
                 await engine.store.release(rid, self.token)
                 engine.report(Event.RELEASED, request, rid, self._status or None)
                 return
@@ -430,7 +450,7 @@ class Execution:
                 state = State.DONE
                 data = StoredResponse(self._status, self._headers, b"".join(self._body)).encode()
             held = await engine.store.complete(rid, self.token, state, data, self.policy.ttl)
-        except StoreError as exc:
+        except (StoreError, CorruptRecord) as exc:
             engine.report(
                 Event.STORE_ERROR, request, rid, self._status,
                 f"the outcome was not recorded; the key stays busy until its lease ends: {exc}",
@@ -451,7 +471,7 @@ class Execution:
             return
         try:
             await self.engine.store.release(self.rid, self.token)
-        except StoreError as exc:
+        except (StoreError, CorruptRecord) as exc:
             self.engine.report(
                 Event.STORE_ERROR, self.request, self.rid, None,
                 f"the key could not be released; it stays busy until its lease ends: {exc}",

@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 __all__ = ["Fingerprinter", "RequestView", "canonical_json", "default_fingerprint"]
@@ -49,7 +50,19 @@ def _is_json(content_type: bytes | None) -> bool:
     return media == b"application/json" or media.endswith(b"+json")
 
 
-_decode = json.JSONDecoder().decode
+def _exact_float(text: str) -> float:
+    """Parse a JSON number the way ``float`` does, unless that would lose digits.
+
+    ``10.0000000000000001`` and ``10.0`` are one float but two amounts to an app that parses
+    with ``Decimal``: such a body is then fingerprinted byte for byte, never merged.
+    """
+    value = float(text)
+    if Decimal(repr(value)) != Decimal(text):
+        raise ValueError("a number that a float cannot hold exactly")
+    return value
+
+
+_decode = json.JSONDecoder(parse_float=_exact_float).decode
 _encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 
 

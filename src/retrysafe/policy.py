@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, TypedDict, Unpack
+from typing import TypedDict, Unpack
 
 from .errors import ConfigError
 from .fingerprint import Fingerprinter
-from .scope import ScopeFunction
+from .scope import ScopeFunction, credentials_scope
 
 __all__ = [
     "DEFAULT_DENIED_HEADERS",
@@ -42,7 +42,7 @@ def default_store_status(status: int) -> bool:
 class Policy:
     """How a protected route behaves. Times are seconds, sizes are bytes."""
 
-    methods: frozenset[str] = frozenset({"POST", "PATCH"})
+    methods: Collection[str] = frozenset({"POST", "PATCH"})
     """Methods protected; any other passes through untouched, key or not."""
     require_key: bool = False
     """Refuse protected requests that carry no key (400 ``missing-key``)."""
@@ -58,18 +58,22 @@ class Policy:
     """Larger request bodies get 413 ``body-too-large`` and are not executed."""
     max_response_body: int = 1 << 20
     """Larger responses are delivered whole but not kept: retries get ``replay-unavailable``."""
-    exclude_fields: frozenset[str] = frozenset()
+    exclude_fields: Collection[str] = frozenset()
     """Top-level JSON body fields left out of the fingerprint."""
     fingerprint: Fingerprinter | None = None
     """Replaces the default fingerprint (method, path, query, canonical body)."""
     scope: ScopeFunction | None = None
-    """Replaces the default scope (the credentials in ``scope_headers`` and ``scope_cookies``)."""
-    scope_headers: tuple[str, ...] = ("authorization",)
-    scope_cookies: tuple[str, ...] = ()
-    denied_headers: frozenset[str] = DEFAULT_DENIED_HEADERS
+    """Replaces the default scope: ``Authorization``, ``scope_headers`` and ``scope_cookies``."""
+    scope_headers: Collection[str] = ()
+    """Credential headers that make up the scope, besides ``Authorization`` (an API-key header)."""
+    scope_cookies: Collection[str] = ()
+    """Credential cookies that make up the scope (a session cookie)."""
+    denied_headers: Collection[str] = DEFAULT_DENIED_HEADERS
     """Response headers neither stored nor replayed; replaces the default list (extend it with
     ``DEFAULT_DENIED_HEADERS | {...}``)."""
     denied_header_bytes: frozenset[bytes] = field(init=False, repr=False, compare=False)
+    scope_function: ScopeFunction = field(init=False, repr=False, compare=False)
+    """The scope in force: ``scope``, or the credentials scope built from the options."""
 
     def __post_init__(self) -> None:
         for name in ("ttl", "lease"):
@@ -80,25 +84,28 @@ class Policy:
         for name in ("max_request_body", "max_response_body"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 bytes")
-        object.__setattr__(self, "methods", frozenset(m.upper() for m in self.methods))
-        object.__setattr__(self, "exclude_fields", frozenset(self.exclude_fields))
+        for name in _COLLECTIONS:
+            value = getattr(self, name)
+            if isinstance(value, str | bytes):
+                # "POST" would silently become {"P", "O", "S", "T"}: refuse it.
+                raise ConfigError(f"{name} takes a collection of names, not {value!r}")
+        setattr_ = object.__setattr__
+        setattr_(self, "methods", frozenset(m.upper() for m in self.methods))
+        setattr_(self, "exclude_fields", frozenset(self.exclude_fields))
+        setattr_(self, "scope_headers", tuple(h.lower() for h in self.scope_headers))
+        setattr_(self, "scope_cookies", tuple(self.scope_cookies))
         denied = frozenset(h.lower() for h in self.denied_headers)
-        object.__setattr__(self, "denied_headers", denied)
-        object.__setattr__(self, "denied_header_bytes", frozenset(h.encode() for h in denied))
+        setattr_(self, "denied_headers", denied)
+        setattr_(self, "denied_header_bytes", frozenset(h.encode() for h in denied))
+        scope = self.scope or credentials_scope(
+            ("authorization", *self.scope_headers), self.scope_cookies
+        )
+        setattr_(self, "scope_function", scope)
 
     def with_options(self, options: PolicyOptions) -> Policy:
         """Return this policy with ``options`` overriding it."""
-        unknown = set(options) - _FIELD_NAMES
-        if unknown:
-            raise ConfigError(f"unknown policy option(s): {', '.join(sorted(unknown))}")
-        values: dict[str, Any] = dict(options)
-        for name in ("methods", "exclude_fields", "denied_headers"):
-            if name in values:
-                values[name] = frozenset(values[name])
-        for name in ("scope_headers", "scope_cookies"):
-            if name in values:
-                values[name] = tuple(values[name])
-        return replace(self, **values)
+        _check_options(options, "policy")
+        return replace(self, **options)
 
 
 class PolicyOptions(TypedDict, total=False):
@@ -121,6 +128,14 @@ class PolicyOptions(TypedDict, total=False):
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(Policy) if f.init)
+_COLLECTIONS = ("methods", "exclude_fields", "scope_headers", "scope_cookies", "denied_headers")
+
+
+def _check_options(options: Mapping[str, object], where: str) -> None:
+    unknown = set(options) - _FIELD_NAMES
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(sorted(unknown))}")
+
 
 _PATTERN_PART = re.compile(r"\*\*|\*|\{[^}/]*\}")
 
@@ -135,7 +150,8 @@ def _compile(pattern: str) -> re.Pattern[str]:
         out.append(".*" if token == "**" else "[^/]*" if token == "*" else "[^/]+")
         pos = match.end()
     out.append(re.escape(pattern[pos:]))
-    return re.compile("".join(out))
+    # DOTALL: a path may hold a newline (%0A); it must not slip past a route's policy.
+    return re.compile("".join(out), re.DOTALL)
 
 
 class Route:
@@ -151,9 +167,7 @@ class Route:
         self.pattern = pattern
         self.options = options
         self._regex = _compile(pattern)
-        unknown = set(options) - _FIELD_NAMES
-        if unknown:
-            raise ConfigError(f"route {pattern!r}: unknown option(s) {', '.join(sorted(unknown))}")
+        _check_options(options, f"route {pattern!r}")
 
     def matches(self, path: str) -> bool:
         return self._regex.fullmatch(path) is not None

@@ -8,7 +8,7 @@ credentials share the anonymous scope.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 
 from .fingerprint import RequestView
 
@@ -17,7 +17,7 @@ __all__ = ["ANONYMOUS", "ScopeFunction", "credentials_scope"]
 ANONYMOUS = b""
 """The scope of requests that carry no credentials."""
 
-ScopeFunction = Callable[[RequestView], "str | bytes | None"]
+ScopeFunction = Callable[[RequestView], "str | bytes | int | None"]
 """Return the caller's identity (tenant id, user id, ...); None means anonymous."""
 
 
@@ -30,7 +30,7 @@ def _cookie(header: bytes, name: bytes) -> bytes | None:
 
 
 def credentials_scope(
-    headers: Sequence[str] = ("authorization",), cookies: Sequence[str] = ()
+    headers: Iterable[str] = ("authorization",), cookies: Iterable[str] = ()
 ) -> ScopeFunction:
     """Build the default scope: the named headers and cookies, hashed together.
 
