@@ -458,3 +458,16 @@ async def test_stats_count_records_by_state(store: Store) -> None:
     assert await store.complete(big, t, State.NOT_REPLAYABLE, None, LONG)
     stats = await store.stats()
     assert (stats.in_flight, stats.done, stats.not_replayable) == (1, 1, 1)
+
+
+async def test_purge_expired_goes_past_a_batch_up_to_its_limit(store: Store) -> None:
+    """One purge_expired(limit) call deletes ``limit`` records even when that spans batches."""
+    live = rid()
+    assert await store.claim(live, token(), FP, LONG, LONG) is None
+    for _ in range(250):
+        assert await store.claim(rid(), token(), FP, 0.2, 0.2) is None
+    await asyncio.sleep(0.35)
+    assert await store.purge_expired(limit=230) == 230
+    assert await store.purge_expired() == 20
+    assert await store.purge_expired() == 0
+    assert await store.get(live) is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import TypedDict
 from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import ConfigError
@@ -12,10 +14,26 @@ from .sqlite import SQLiteStore
 __all__ = ["MemoryStore", "SQLiteStore", "Store", "open_store"]
 
 
+class _SQLiteOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`SQLiteStore` a URL can set."""
+
+    busy_timeout: float
+    synchronous: str
+    table: str
+
+
 def open_store(url: str) -> Store:
-    """Return the store a URL names. Nothing is connected until first use."""
+    """Return the store a URL names. Nothing is connected until first use.
+
+    Options are query parameters (``sqlite:///ledger.db?busy_timeout=2``); an unknown,
+    repeated or malformed one is a :class:`ConfigError`.
+    """
     parts = urlsplit(url)
-    options = dict(parse_qsl(parts.query, keep_blank_values=True))
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    repeated = sorted(name for name, n in Counter(name for name, _ in pairs).items() if n > 1)
+    if repeated:
+        raise ConfigError(f"{url!r}: option(s) given more than once: {', '.join(repeated)}")
+    options = dict(pairs)
     if parts.scheme == "memory":
         _no_options(url, options)
         return MemoryStore()
@@ -27,17 +45,24 @@ def open_store(url: str) -> Store:
         path = parts.path[1:]
         if not path:
             raise ConfigError(f"{url!r}: the sqlite URL names no file")
-        kwargs: dict[str, object] = {}
-        try:
-            if "busy_timeout" in options:
-                kwargs["busy_timeout"] = float(options.pop("busy_timeout"))
-        except ValueError:
-            raise ConfigError(f"{url!r}: busy_timeout must be a number of seconds") from None
-        for name in ("synchronous", "table"):
-            if name in options:
-                kwargs[name] = options.pop(name)
+        kwargs: _SQLiteOptions = {}
+        if "busy_timeout" in options:
+            raw = options.pop("busy_timeout")
+            try:
+                kwargs["busy_timeout"] = float(raw)
+            except ValueError:
+                raise ConfigError(
+                    f"{url!r}: busy_timeout must be a number of seconds, not {raw!r}"
+                ) from None
+        if "synchronous" in options:
+            kwargs["synchronous"] = options.pop("synchronous")
+        if "table" in options:
+            kwargs["table"] = options.pop("table")
         _no_options(url, options)
-        return SQLiteStore(path, **kwargs)  # type: ignore[arg-type]
+        try:
+            return SQLiteStore(path, **kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{url!r}: {exc}") from None
     raise ConfigError(f"unknown store URL {url!r}: use memory:// or sqlite:///file.db")
 
 

@@ -1,23 +1,45 @@
 """``sqlite:///file.db``: the embedded default ledger, one file shared by a host's workers.
 
-WAL mode lets readers (replays) run beside a writer. Statements run inline: a claim costs tens
-of microseconds, far less than a hop to a thread. SQLite's own busy handler would stall the
-event loop, so it is off; a busy database is retried here with asynchronous backoff, and past
-the time budget it becomes :class:`StoreUnavailable` (a 503), never "database is locked" as a 500.
+WAL mode lets readers (replays) run beside a writer.
+
+Statements run inline, on the event loop: a claim costs tens of microseconds, far less than a
+hop to a thread. That has costs to know about:
+
+* ``synchronous=FULL`` (or ``EXTRA``) fsyncs every commit, and that fsync runs on the event
+  loop too: commits survive a power loss, but every claim and completion is slower, as the
+  whole loop waits for the disk. The default ``NORMAL`` survives process crashes; a power
+  loss may undo the last commits. It syncs only at checkpoints, which a background thread
+  runs.
+* Responses are written inline as well: a response of several MiB is copied into the file
+  on the event loop.
+* :meth:`SQLiteStore.purge_expired` is the exception: it runs in a worker thread, on a
+  connection of its own, in batches of at most 100 rows.
+
+SQLite's own busy handler would stall the event loop, so it is off inline; a busy database is
+retried here with asynchronous backoff, and past ``busy_timeout`` it becomes
+:class:`StoreBusy` (a 503), never "database is locked" as a 500. Any other failure is
+:class:`StoreUnavailable`.
+
+The store is safe across ``fork()``: before a fork every store closes its connection (and
+stops its checkpointer thread), and each process reopens one lazily on its next use. A
+connection carried across a fork would share SQLite's per-process lock bookkeeping with the
+parent's and could commit into a WAL the parent has already deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..errors import ConfigError, CorruptRecord, StoreUnavailable
+from ..errors import ConfigError, CorruptRecord, StoreBusy, StoreUnavailable
 from ..records import Record, State
 from .base import Store, StoreStats
 
@@ -25,23 +47,84 @@ __all__ = ["SQLiteStore"]
 
 T = TypeVar("T")
 SCHEMA_VERSION = 1
+MIN_SQLITE = (3, 35)
+"""RETURNING and UPSERT ... DO UPDATE ... WHERE, which :meth:`SQLiteStore.claim` relies on."""
+PURGE_BATCH = 100
+"""Most rows one purge statement deletes: the write lock is never held for long."""
 _COLUMNS = "state, token, fingerprint, lease_until, expires_at, response, scope, created_at"
+_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
-_forks = 0
-"""How many forks this process descends from: a connection opened before a fork is not reused."""
+class _Contended(Exception):
+    """Busy in a way SQLite did not report itself (a claim that kept losing races)."""
+
+
+def _is_busy(exc: BaseException) -> bool:
+    """Whether ``exc`` means "busy or locked right now", as opposed to "broken"."""
+    if isinstance(exc, _Contended):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return (code & 0xFF) in _BUSY_CODES  # extended codes: SQLITE_BUSY_SNAPSHOT, ...
+    message = str(exc)  # no code (an error not raised by SQLite itself): judge by its text
+    return "locked" in message or "busy" in message
+
+
+# -- fork safety ------------------------------------------------------------------------------
+
+_stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+_held = threading.local()
+"""The locks the forking thread took in :func:`_before_fork` (its own: forks may overlap)."""
+_forking = False
+"""Set while a fork is being prepared: a running purge stops at its next batch."""
+
+
+def _before_fork() -> None:
+    """Close every store's connections, and hold its locks until the fork is done.
+
+    Nothing of SQLite's is open across the fork, so neither process inherits lock state that
+    does not match the locks it really holds; each reopens on its next use.
+    """
+    global _forking
+    _forking = True
+    held: list[threading.Lock] = []
+    _held.locks = held
+    for store in list(_stores):
+        store._lock.acquire()
+        held.append(store._lock)
+        store._purge_lock.acquire()  # waits for a running purge to close its connection
+        held.append(store._purge_lock)
+        try:
+            store._close()
+        except Exception:  # pragma: no cover - a fork must not fail for a ledger
+            store._conn = None
+            store._checkpointer = None
+    # Checkpointers already stopped (a closed or collected store) may still hold a connection.
+    for thread in threading.enumerate():
+        if isinstance(thread, _Checkpointer):
+            thread.stop()
+            thread.join()
 
 
 def _after_fork() -> None:
-    global _forks
-    _forks += 1
+    global _forking
+    held: list[threading.Lock] = getattr(_held, "locks", [])
+    _held.locks = []
+    while held:
+        held.pop().release()
+    _forking = False
 
 
-os.register_at_fork(after_in_child=_after_fork)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
 
 
 class SQLiteStore(Store):
-    """A ledger in one SQLite file. Safe for many processes on one host; not for network disks."""
+    """A ledger in one SQLite file. Safe for many processes on one host; not for network disks.
+
+    Its statements run inline on the event loop (see the module's notes on ``synchronous`` and
+    large responses), except :meth:`purge_expired`. Safe across ``fork()``: connections are
+    closed before a fork and reopened lazily. Needs SQLite 3.35 or newer.
+    """
 
     def __init__(
         self,
@@ -52,24 +135,33 @@ class SQLiteStore(Store):
         table: str = "retrysafe_records",
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise ConfigError(
+                "the sqlite ledger needs SQLite 3.35 or newer (RETURNING, UPSERT);"
+                f" this Python's sqlite3 module has SQLite {sqlite3.sqlite_version}"
+            )
         if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise ConfigError(
                 f"sqlite synchronous must be OFF, NORMAL, FULL or EXTRA: {synchronous}"
             )
         if not table.isidentifier():
             raise ConfigError(f"sqlite table name must be an identifier: {table!r}")
-        if busy_timeout < 0:
-            raise ConfigError("sqlite busy_timeout must be >= 0")
+        if not (math.isfinite(busy_timeout) and busy_timeout >= 0):
+            raise ConfigError(
+                f"sqlite busy_timeout must be a finite number of seconds >= 0: {busy_timeout}"
+            )
         self.path = path
         self.busy_timeout = busy_timeout
         self._synchronous = synchronous.upper()
         self._table = table
         self._clock = clock
+        self._private = path in {"", ":memory:"}
+        """Each connection to such a path is a database of its own."""
         self._lock = threading.Lock()
+        self._purge_lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._checkpointer: _Checkpointer | None = None
-        self._generation = -1
-        t = table
+        t = f'"{table}"'  # quoted: a reserved word ("order") is a valid table name
         self._sql_get = f"SELECT {_COLUMNS} FROM {t} WHERE rid = ?"
         self._sql_claim = (
             f"INSERT INTO {t} (rid, token, state, fingerprint, lease_until, expires_at, response,"
@@ -94,16 +186,23 @@ class SQLiteStore(Store):
             f"DELETE FROM {t} WHERE rid IN"
             f" (SELECT rid FROM {t} WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)"
         )
+        self._sql_scan = (
+            f"SELECT rid, {_COLUMNS} FROM {t} WHERE rid > ? AND expires_at > ? ORDER BY rid LIMIT ?"
+        )
+        self._sql_stats = f"SELECT expires_at > ?, state, count(*) FROM {t} GROUP BY 1, 2"
+        _stores.add(self)
 
     # -- connection -------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, busy_timeout: float = 0.0) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
-            conn.execute("PRAGMA busy_timeout = 0")
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal" and self.path != ":memory:":
-                raise sqlite3.OperationalError("database is locked (cannot enter WAL mode)")
+            if mode.lower() != "wal" and not self._private:
+                raise StoreUnavailable(
+                    f"sqlite ledger {self.path}: cannot enter WAL mode (journal mode {mode})"
+                )
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             # Checkpoints copy the WAL into the file and fsync: done inline they would stall
             # the event loop for milliseconds, so a background thread does them (below).
@@ -117,12 +216,12 @@ class SQLiteStore(Store):
                 )
             t = self._table
             conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {t} (rid BLOB PRIMARY KEY, token INTEGER NOT NULL,"
+                f'CREATE TABLE IF NOT EXISTS "{t}" (rid BLOB PRIMARY KEY, token INTEGER NOT NULL,'
                 " state INTEGER NOT NULL, fingerprint BLOB NOT NULL, lease_until REAL NOT NULL,"
                 " expires_at REAL NOT NULL, response BLOB, scope BLOB NOT NULL DEFAULT x'',"
                 " created_at REAL NOT NULL DEFAULT 0)"
             )
-            conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_expiry ON {t} (expires_at)")
+            conn.execute(f'CREATE INDEX IF NOT EXISTS "{t}_expiry" ON "{t}" (expires_at)')
             if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except BaseException:
@@ -131,13 +230,28 @@ class SQLiteStore(Store):
         return conn
 
     def _connection(self) -> sqlite3.Connection:
-        # A connection must not cross a fork: worker processes each open their own.
-        if self._conn is None or self._generation != _forks:
+        # Closed before every fork (_before_fork): each process opens its own, here.
+        if self._conn is None:
             self._conn = self._connect()
-            self._generation = _forks
-            if self.path != ":memory:":
-                self._checkpointer = _Checkpointer(self.path)
+            if not self._private:
+                self._checkpointer = _Checkpointer(self.path, self)
         return self._conn
+
+    def _close(self) -> None:
+        """Stop the checkpointer, close the connection; the caller holds ``_lock``."""
+        checkpointer, self._checkpointer = self._checkpointer, None
+        conn, self._conn = self._conn, None
+        if checkpointer is not None:
+            checkpointer.stop()
+            checkpointer.join()
+        if conn is not None:
+            conn.close()
+
+    def _error(self, exc: BaseException, what: str = "") -> StoreUnavailable:
+        """The error to raise for ``exc``: :class:`StoreBusy` if it was busy, else unavailable."""
+        if _is_busy(exc):
+            return StoreBusy(f"sqlite ledger {self.path} stayed busy{what}: {exc}")
+        return StoreUnavailable(f"sqlite ledger {self.path}{what}: {exc}")
 
     async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         deadline: float | None = None
@@ -146,19 +260,16 @@ class SQLiteStore(Store):
             try:
                 with self._lock:
                     return operation(self._connection())
-            except sqlite3.OperationalError as exc:
-                busy = "locked" in str(exc) or "busy" in str(exc)
-                if not busy:
-                    raise StoreUnavailable(f"sqlite ledger {self.path}: {exc}") from exc
+            except (sqlite3.Error, _Contended) as exc:
+                if not _is_busy(exc):
+                    raise self._error(exc) from exc
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self.busy_timeout
                 if now >= deadline:
-                    raise StoreUnavailable(f"sqlite ledger {self.path} stayed busy") from exc
+                    raise self._error(exc) from exc
                 await asyncio.sleep(min(delay * (0.5 + random.random()), deadline - now))
                 delay = min(delay * 2, 0.05)
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"sqlite ledger {self.path}: {exc}") from exc
 
     @staticmethod
     def _record(row: Any) -> Record:
@@ -211,7 +322,7 @@ class SQLiteStore(Store):
                 if taken:
                     return None
             # Eight rounds of claim races lost to release races: report it as busy.
-            raise sqlite3.OperationalError("database is busy (claim kept racing)")
+            raise _Contended("claim kept racing")
 
         return await self._run(op)
 
@@ -251,9 +362,39 @@ class SQLiteStore(Store):
         return await self._run(lambda conn: conn.execute(self._sql_delete, (rid,)).rowcount == 1)
 
     async def purge_expired(self, limit: int = 1000) -> int:
-        return await self._run(
-            lambda conn: conn.execute(self._sql_purge, (self._clock(), limit)).rowcount
-        )
+        """Delete up to ``limit`` expired records, from a worker thread; return the count.
+
+        Large responses make deletion slow (about 2 ms per MiB), so it never runs on the
+        event loop: a thread of its own opens a short-lived connection and deletes at most
+        :data:`PURGE_BATCH` rows per statement, letting writers in between. A fork stops it
+        early (at the count deleted so far).
+        """
+        if limit <= 0:
+            return 0
+        if self._private:  # a private database is only reachable through self._conn
+            return await self._run(
+                lambda conn: conn.execute(self._sql_purge, (self._clock(), limit)).rowcount
+            )
+        return await asyncio.to_thread(self._purge, limit)
+
+    def _purge(self, limit: int) -> int:
+        deleted = 0
+        with self._purge_lock:  # _before_fork waits for this connection to be closed
+            try:
+                conn = self._connect(busy_timeout=self.busy_timeout)
+                try:
+                    conn.execute("PRAGMA wal_autocheckpoint = 1000")  # off the loop: allowed
+                    while deleted < limit and not _forking:
+                        batch = min(PURGE_BATCH, limit - deleted)
+                        n = conn.execute(self._sql_purge, (self._clock(), batch)).rowcount
+                        deleted += n
+                        if n < batch:
+                            break  # none left
+                finally:
+                    conn.close()
+            except sqlite3.Error as exc:
+                raise self._error(exc, " (purge)") from exc
+        return deleted
 
     async def scan(
         self, cursor: str | None = None, limit: int = 100
@@ -261,11 +402,7 @@ class SQLiteStore(Store):
         after = bytes.fromhex(cursor) if cursor else b""
 
         def op(conn: sqlite3.Connection) -> list[Any]:
-            return conn.execute(
-                f"SELECT rid, {_COLUMNS} FROM {self._table} WHERE rid > ? AND expires_at > ?"
-                " ORDER BY rid LIMIT ?",
-                (after, self._clock(), limit + 1),
-            ).fetchall()
+            return conn.execute(self._sql_scan, (after, self._clock(), limit + 1)).fetchall()
 
         rows = await self._run(op)
         page: list[tuple[bytes, Record]] = []
@@ -278,10 +415,7 @@ class SQLiteStore(Store):
 
     async def stats(self) -> StoreStats:
         def op(conn: sqlite3.Connection) -> list[Any]:
-            return conn.execute(
-                f"SELECT expires_at > ?, state, count(*) FROM {self._table} GROUP BY 1, 2",
-                (self._clock(),),
-            ).fetchall()
+            return conn.execute(self._sql_stats, (self._clock(),)).fetchall()
 
         counts = {State.IN_FLIGHT: 0, State.DONE: 0, State.NOT_REPLAYABLE: 0}
         expired = 0
@@ -299,12 +433,14 @@ class SQLiteStore(Store):
 
     async def aclose(self) -> None:
         with self._lock:
-            if self._conn is not None and self._generation == _forks:
-                if self._checkpointer is not None:
-                    self._checkpointer.stop()
-                self._conn.close()
-            self._conn = None
-            self._checkpointer = None
+            checkpointer, self._checkpointer = self._checkpointer, None
+            conn, self._conn = self._conn, None
+            # The checkpointer is not joined: a checkpoint in progress would hold the event
+            # loop. It closes its connection as it ends; a fork waits for that (_before_fork).
+            if checkpointer is not None:
+                checkpointer.stop()
+            if conn is not None:
+                conn.close()
 
 
 class _Checkpointer(threading.Thread):
@@ -313,15 +449,16 @@ class _Checkpointer(threading.Thread):
     PASSIVE checkpoints never block the writers. If steady writing keeps them from ever
     catching up, the WAL would only grow; past ``RESTART_FRAMES`` a RESTART checkpoint makes
     writers wait (asynchronously, as for any busy moment) while the log is brought back to
-    the start.
+    the start. It ends when stopped or when its store is garbage-collected unclosed.
     """
 
     INTERVAL = 0.05
     RESTART_FRAMES = 4096
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, owner: SQLiteStore) -> None:
         super().__init__(name="retrysafe-sqlite-checkpoint", daemon=True)
         self._path = path
+        self._owner = weakref.ref(owner)
         self._stopping = threading.Event()
         self.start()
 
@@ -333,14 +470,17 @@ class _Checkpointer(threading.Thread):
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error:
             return
-        with conn:
+        try:
             conn.execute("PRAGMA busy_timeout = 1000")
             frames = 0
-            while not self._stopping.wait(self.INTERVAL):
+            while not self._stopping.wait(self.INTERVAL) and self._owner() is not None:
                 mode = "RESTART" if frames > self.RESTART_FRAMES else "PASSIVE"
                 try:
                     busy, log, _ = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
                 except sqlite3.Error:
                     continue  # busy or transient: try again at the next interval
                 frames = 0 if mode == "RESTART" and not busy else log
-        conn.close()
+        except sqlite3.Error:
+            pass
+        finally:
+            conn.close()

@@ -1,0 +1,484 @@
+"""The SQLite ledger beyond the store contract: fork safety, purging off the event loop,
+busy versus down, and configuration errors found at construction.
+
+Fork tests really fork (``os.fork``): the child runs a fresh event loop, reports through its
+exit status and leaves with ``os._exit``, so it never returns into pytest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import re
+import secrets
+import signal
+import sqlite3
+import threading
+import traceback
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from retrysafe import ConfigError, StoreBusy, StoreUnavailable, open_store
+from retrysafe.records import State
+from retrysafe.stores import SQLiteStore
+from retrysafe.stores.sqlite import PURGE_BATCH, _Checkpointer, _is_busy
+
+pytestmark = pytest.mark.anyio
+
+FP = b"fingerprint-1"
+LONG = 60.0
+"""A lease or ttl that never runs out during a test."""
+
+forks = pytest.mark.filterwarnings(
+    # Python 3.12+ warns about fork() in a process with threads (pytest's, asyncio's).
+    "ignore:This process .* is multi-threaded:DeprecationWarning"
+)
+
+
+def rid() -> bytes:
+    return os.urandom(32)
+
+
+def token() -> int:
+    return secrets.randbits(63)
+
+
+class FakeClock:
+    """A store clock that moves only when told, and remembers which threads read it."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+        self.threads: set[int] = set()
+
+    def __call__(self) -> float:
+        self.threads.add(threading.get_ident())
+        return self.now
+
+
+def fork_child(body: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    """Fork; the child runs ``body`` on a new event loop and exits 0 only if it succeeded."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, which never returns
+        code = 1
+        try:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler
+            signal.alarm(30)  # never outlive a stuck test
+            asyncio.run(body())
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def exit_code(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def checkpointers() -> list[_Checkpointer]:
+    return [t for t in threading.enumerate() if isinstance(t, _Checkpointer) and t.is_alive()]
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> str:
+    return str(tmp_path / "ledger.db")
+
+
+@pytest.fixture
+def pipes() -> Iterator[list[int]]:
+    """File descriptors opened by a test, all closed after it."""
+    fds: list[int] = []
+    yield fds
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+# -- fork safety ------------------------------------------------------------------------------
+
+
+@forks
+@pytest.mark.parametrize("order", ["child_claims_first", "parent_closes_first"])
+def test_a_claim_made_in_a_forked_child_outlives_the_parents_close(
+    ledger: str, order: str, pipes: list[int]
+) -> None:
+    """A child forked after the parent used the store commits a claim a fresh store sees."""
+    store = SQLiteStore(ledger)
+    parent_rid, child_rid, child_token = rid(), rid(), token()
+    assert asyncio.run(store.claim(parent_rid, token(), FP, LONG, LONG)) is None
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pipes += [ready_r, ready_w, go_r, go_w]
+
+    async def child() -> None:
+        os.close(ready_r)
+        os.close(go_w)
+        if order == "parent_closes_first":
+            # The child's connection is open before the parent closes (and checkpoints) its
+            # own; the claim is made after. A connection sharing the parent's lock state
+            # would write it into a WAL the parent has deleted.
+            assert await store.get(parent_rid) is not None
+            os.write(ready_w, b"!")
+            assert os.read(go_r, 1) == b"!"
+        assert await store.claim(child_rid, child_token, FP, LONG, LONG) is None
+
+    pid = fork_child(child)
+    os.close(ready_w)
+    os.close(go_r)
+    if order == "parent_closes_first":
+        assert os.read(ready_r, 1) == b"!", "the child failed before its claim"
+        asyncio.run(store.aclose())
+        os.write(go_w, b"!")
+        assert exit_code(pid) == 0
+    else:
+        assert exit_code(pid) == 0
+        asyncio.run(store.aclose())
+
+    async def check() -> None:
+        async with SQLiteStore(ledger) as fresh:
+            record = await fresh.claim(child_rid, token(), FP, LONG, LONG)
+            assert record is not None, "the child's claim was lost: a second execution"
+            assert record.token == child_token
+            assert record.state is State.IN_FLIGHT
+
+    asyncio.run(check())
+
+
+@forks
+def test_a_forked_child_uses_the_store_normally(ledger: str) -> None:
+    """In a forked child every primitive works on the inherited store, and so does the parent."""
+    store = SQLiteStore(ledger)
+    done_rid, done_token, child_rid, child_token = rid(), token(), rid(), token()
+
+    async def before() -> None:
+        assert await store.claim(done_rid, done_token, FP, LONG, LONG) is None
+        assert await store.complete(done_rid, done_token, State.DONE, b"parent", LONG)
+
+    asyncio.run(before())
+
+    async def child() -> None:
+        record = await store.get(done_rid)
+        assert record is not None
+        assert record.response == b"parent"
+        again = await store.claim(done_rid, token(), FP, LONG, LONG)
+        assert again is not None
+        assert again.token == done_token
+        assert await store.claim(child_rid, child_token, FP, LONG, LONG) is None
+        assert await store.renew(child_rid, child_token, LONG)
+        assert await store.complete(child_rid, child_token, State.DONE, b"child", LONG)
+        assert await store.purge_expired() == 0
+        page, _ = await store.scan()
+        assert {r for r, _ in page} == {done_rid, child_rid}
+        assert (await store.stats()).done == 2
+        await store.aclose()
+
+    assert exit_code(fork_child(child)) == 0
+
+    async def after() -> None:
+        record = await store.get(child_rid)
+        assert record is not None
+        assert record.token == child_token
+        assert record.response == b"child"
+        assert await store.claim(rid(), token(), FP, LONG, LONG) is None
+        await store.aclose()
+
+    asyncio.run(after())
+
+
+@forks
+def test_fork_closes_connections_and_joins_checkpointers(ledger: str, tmp_path: Path) -> None:
+    """Before a fork every store's connection is closed and every checkpointer thread ended."""
+    used = SQLiteStore(ledger)
+    closed = SQLiteStore(str(tmp_path / "other.db"))
+
+    async def use() -> None:
+        assert await used.claim(rid(), token(), FP, LONG, LONG) is None
+        assert await closed.claim(rid(), token(), FP, LONG, LONG) is None
+        await closed.aclose()  # its checkpointer is told to stop, not waited for
+
+    asyncio.run(use())
+    assert used._checkpointer is not None
+    assert used._checkpointer.is_alive()
+
+    async def child() -> None:
+        assert used._conn is None
+        assert await used.get(rid()) is None
+
+    assert exit_code(fork_child(child)) == 0
+    assert used._conn is None
+    assert used._checkpointer is None
+    assert checkpointers() == []
+    asyncio.run(used.aclose())
+
+
+async def test_an_unclosed_store_that_is_collected_stops_its_checkpointer(ledger: str) -> None:
+    """A store dropped without aclose() does not leave its checkpointer thread running forever."""
+    store = SQLiteStore(ledger)
+    assert await store.claim(rid(), token(), FP, LONG, LONG) is None
+    checkpointer = store._checkpointer
+    assert checkpointer is not None
+    del store
+    gc.collect()
+    await asyncio.to_thread(checkpointer.join, 10)
+    assert not checkpointer.is_alive()
+
+
+# -- purge --------------------------------------------------------------------------------------
+
+
+async def test_purge_runs_in_a_worker_thread(ledger: str) -> None:
+    """purge_expired() judges and deletes from a thread other than the event loop's."""
+    clock = FakeClock()
+    async with SQLiteStore(ledger, clock=clock) as store:
+        for _ in range(3):
+            assert await store.claim(rid(), token(), FP, 1.0, 1.0) is None
+        clock.now += 10
+        clock.threads.clear()
+        assert await store.purge_expired() == 3
+        assert clock.threads
+        assert threading.get_ident() not in clock.threads
+
+
+async def test_purge_deletes_in_batches_of_at_most_a_hundred(
+    ledger: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A purge of 250 rows runs several DELETEs, none of more than PURGE_BATCH rows."""
+    statements: list[str] = []
+    connect = SQLiteStore._connect
+
+    def traced(self: SQLiteStore, busy_timeout: float = 0.0) -> sqlite3.Connection:
+        conn = connect(self, busy_timeout)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(SQLiteStore, "_connect", traced)
+    clock = FakeClock()
+    async with SQLiteStore(ledger, clock=clock) as store:
+        live = rid()
+        assert await store.claim(live, token(), FP, LONG * 1000, LONG * 1000) is None
+        for _ in range(250):
+            assert await store.claim(rid(), token(), FP, 1.0, 1.0) is None
+        clock.now += 10
+        statements.clear()
+        assert await store.purge_expired(limit=230) == 230
+        limits = [
+            int(m.group(1))
+            for s in statements
+            if s.startswith("DELETE")
+            for m in [re.search(r"LIMIT (\d+)", s)]
+            if m is not None
+        ]
+        assert PURGE_BATCH == 100
+        assert limits == [100, 100, 30]
+        assert await store.purge_expired() == 20
+        assert await store.purge_expired() == 0
+        assert await store.get(live) is not None
+
+
+async def test_purge_of_a_private_memory_database(tmp_path: Path) -> None:
+    """A ":memory:" ledger (one connection's own database) purges what that connection holds."""
+    clock = FakeClock()
+    async with SQLiteStore(":memory:", clock=clock) as store:
+        for _ in range(3):
+            assert await store.claim(rid(), token(), FP, 1.0, 1.0) is None
+        kept = rid()
+        assert await store.claim(kept, token(), FP, LONG, LONG) is None
+        clock.now += 10
+        assert await store.purge_expired(limit=2) == 2
+        assert await store.purge_expired() == 1
+        assert await store.purge_expired(limit=0) == 0
+        assert await store.get(kept) is not None
+
+
+# -- busy versus down ---------------------------------------------------------------------------
+
+
+async def test_a_write_locked_database_is_busy_not_down(ledger: str) -> None:
+    """A write lock held past busy_timeout makes writes and purges StoreBusy; reads go on."""
+    async with SQLiteStore(ledger, busy_timeout=0.2) as store:
+        held = rid()
+        assert await store.claim(held, token(), FP, LONG, LONG) is None
+        blocker = sqlite3.connect(ledger, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            with pytest.raises(StoreBusy):
+                await store.claim(rid(), token(), FP, LONG, LONG)
+            with pytest.raises(StoreBusy):
+                await store.purge_expired()
+            assert await store.get(held) is not None  # WAL: readers are not blocked
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert await store.claim(rid(), token(), FP, LONG, LONG) is None
+        assert await store.purge_expired() == 0
+
+
+@pytest.mark.parametrize("kind", ["missing_directory", "not_a_database"])
+async def test_a_broken_database_is_unavailable_not_busy(tmp_path: Path, kind: str) -> None:
+    """An unopenable or non-SQLite file is StoreUnavailable, never StoreBusy (fail_open may run)."""
+    if kind == "missing_directory":
+        path = tmp_path / "missing" / "ledger.db"
+    else:
+        path = tmp_path / "ledger.db"
+        path.write_bytes(b"this is not a database, " * 200)
+    async with SQLiteStore(str(path), busy_timeout=0.2) as store:
+        with pytest.raises(StoreUnavailable) as claim_error:
+            await store.claim(rid(), token(), FP, LONG, LONG)
+        assert not isinstance(claim_error.value, StoreBusy)
+        with pytest.raises(StoreUnavailable) as purge_error:
+            await store.purge_expired()
+        assert not isinstance(purge_error.value, StoreBusy)
+
+
+def test_busy_is_told_by_the_error_code_before_the_message(ledger: str) -> None:
+    """SQLITE_BUSY/LOCKED (extended codes included) are busy; the message counts only uncoded."""
+
+    def coded(message: str, code: int) -> sqlite3.OperationalError:
+        exc = sqlite3.OperationalError(message)
+        exc.sqlite_errorcode = code
+        return exc
+
+    assert _is_busy(coded("whatever", 5))  # SQLITE_BUSY
+    assert _is_busy(coded("whatever", 6))  # SQLITE_LOCKED
+    assert _is_busy(coded("whatever", 517))  # SQLITE_BUSY_SNAPSHOT
+    assert _is_busy(coded("whatever", 262))  # SQLITE_LOCKED_SHAREDCACHE
+    assert not _is_busy(coded("database is locked", 14))  # SQLITE_CANTOPEN, whatever it says
+    assert not _is_busy(coded("busy", 10))  # SQLITE_IOERR
+    assert _is_busy(sqlite3.OperationalError("database is locked"))  # no code: by message
+    assert not _is_busy(sqlite3.OperationalError("disk I/O error"))
+
+    first = sqlite3.connect(ledger, isolation_level=None)
+    second = sqlite3.connect(ledger, isolation_level=None, timeout=0)
+    try:
+        first.execute("CREATE TABLE t (x)")
+        first.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError) as real:
+            second.execute("BEGIN IMMEDIATE")
+        assert real.value.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+        assert _is_busy(real.value)
+    finally:
+        first.close()
+        second.close()
+
+
+async def test_a_claim_that_keeps_losing_races_is_busy(ledger: str) -> None:
+    """A claim that never wins nor finds the winner (kept racing) ends as StoreBusy."""
+    store = SQLiteStore(ledger, busy_timeout=0.1)
+    async with store:
+        r, holder = rid(), token()
+        assert await store.claim(r, holder, FP, LONG, LONG) is None
+        # Blind the claim's read: each round now sees no record yet cannot take it.
+        store._sql_get += " AND 0"
+        with pytest.raises(StoreBusy):
+            await store.claim(r, token(), FP, LONG, LONG)
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def test_an_old_sqlite_is_refused_at_construction(
+    ledger: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite older than 3.35 (no RETURNING) is a ConfigError naming the version found."""
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 34, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.34.1")
+    with pytest.raises(ConfigError, match=r"3\.35.*3\.34\.1"):
+        SQLiteStore(ledger)
+    with pytest.raises(ConfigError, match=r"3\.34\.1"):
+        open_store(f"sqlite:///{ledger}")
+
+
+@pytest.mark.parametrize("table", ["order", "select", "group", "table"])
+async def test_a_reserved_word_is_a_valid_table_name(ledger: str, table: str) -> None:
+    """?table=order (an SQL keyword) works for every primitive, in a table of that name."""
+    store = open_store(f"sqlite:///{ledger}?table={table}")
+    async with store:
+        done, flying, short = rid(), rid(), rid()
+        t, f = token(), token()
+        assert await store.claim(done, t, FP, LONG, LONG) is None
+        assert await store.complete(done, t, State.DONE, b"resp", LONG)
+        assert await store.claim(flying, f, FP, LONG, LONG) is None
+        assert await store.renew(flying, f, LONG)
+        existing = await store.claim(flying, token(), FP, LONG, LONG)
+        assert existing is not None
+        assert existing.token == f
+        assert await store.claim(short, token(), FP, 0.05, 0.05) is None
+        await asyncio.sleep(0.2)
+        assert await store.purge_expired() == 1
+        page, _ = await store.scan()
+        assert {r for r, _ in page} == {done, flying}
+        stats = await store.stats()
+        assert (stats.in_flight, stats.done) == (1, 1)
+        assert await store.delete(flying)
+        assert await store.release(done, t)
+    check = sqlite3.connect(ledger)
+    try:
+        assert check.execute(f'SELECT count(*) FROM "{table}"').fetchone() == (0,)
+        indexes = {row[0] for row in check.execute("SELECT name FROM sqlite_master")}
+        assert f"{table}_expiry" in indexes
+    finally:
+        check.close()
+
+
+@pytest.mark.parametrize("table", ["a b", 'x"y', "1abc", "", "t;drop"])
+def test_a_table_name_must_be_an_identifier(ledger: str, table: str) -> None:
+    """A table name that is not an identifier is refused at construction."""
+    with pytest.raises(ConfigError, match="table"):
+        SQLiteStore(ledger, table=table)
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_a_bad_busy_timeout_is_refused_at_construction(ledger: str, value: float) -> None:
+    """busy_timeout must be a finite number of seconds >= 0 (nan would retry forever)."""
+    with pytest.raises(ConfigError, match="busy_timeout"):
+        SQLiteStore(ledger, busy_timeout=value)
+
+
+@pytest.mark.parametrize("value", ["abc", "", "-1", "nan", "inf", "1e999"])
+def test_open_store_refuses_a_bad_busy_timeout(ledger: str, value: str) -> None:
+    """?busy_timeout= that is not a finite number of seconds >= 0 is a ConfigError."""
+    with pytest.raises(ConfigError, match="busy_timeout"):
+        open_store(f"sqlite:///{ledger}?busy_timeout={value}")
+
+
+def test_open_store_names_unknown_and_repeated_options(ledger: str) -> None:
+    """Unknown options are a ConfigError naming each; so is an option given twice."""
+    with pytest.raises(ConfigError, match="colour, size"):
+        open_store(f"sqlite:///{ledger}?busy_timeout=1&size=2&colour=red")
+    with pytest.raises(ConfigError, match="table"):
+        open_store(f"sqlite:///{ledger}?table=a&table=b")
+    with pytest.raises(ConfigError, match="busy_timeout"):
+        open_store("memory://?busy_timeout=1")
+
+
+async def test_open_store_passes_its_options(ledger: str) -> None:
+    """busy_timeout, synchronous and table from the URL reach the store and the file."""
+    store = open_store(f"sqlite:///{ledger}?busy_timeout=0.5&synchronous=full&table=ledger")
+    assert isinstance(store, SQLiteStore)
+    assert store.busy_timeout == 0.5
+    async with store:
+        assert await store.claim(rid(), token(), FP, LONG, LONG) is None
+        conn = store._connection()
+        assert conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    check = sqlite3.connect(ledger)
+    try:
+        assert check.execute("SELECT count(*) FROM ledger").fetchone() == (1,)
+    finally:
+        check.close()
+
+
+def test_nothing_is_opened_at_construction(tmp_path: Path) -> None:
+    """Constructing a store touches no file: errors of the file itself come on first use."""
+    path = tmp_path / "ledger.db"
+    store = SQLiteStore(str(path))
+    open_store(f"sqlite:///{path}")
+    assert not path.exists()
+    assert store._conn is None
+    assert store._checkpointer is None
