@@ -1,7 +1,13 @@
-"""Exactly-once across processes: one uvicorn with three workers sharing one SQLite ledger."""
+"""Exactly-once across processes and hosts.
+
+On SQLite, one uvicorn with three workers shares one ledger file. On each shared ledger (Redis,
+Redis Cluster, PostgreSQL), two separate uvicorn instances ("hosts", two workers each, no load
+balancer between them) share it, and clients alternate between them.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -14,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import SHARED_KINDS, drop_postgres_table, fresh_url
 from servers import WorkerServer, poll_until, serve_subprocess
 
 WORKERS = 3
@@ -26,9 +33,19 @@ CLOSE = {"Connection": "close"}
 
 @dataclass
 class Cluster:
-    server: WorkerServer
+    """One app on one ledger, served by one or more uvicorn instances ("hosts")."""
+
+    servers: list[WorkerServer]
     exec_log: Path
     state_dir: Path
+
+    @property
+    def server(self) -> WorkerServer:
+        return self.servers[0]
+
+    def base_url(self, i: int = 0) -> str:
+        """The ``i``-th request's instance: requests alternate between the hosts."""
+        return self.servers[i % len(self.servers)].base_url
 
     def executions(self, path: str | None = None, key: str | None = None) -> list[list[str]]:
         """The execution log's lines (path, key, pid, nonce), filtered."""
@@ -46,20 +63,33 @@ class Cluster:
         return {int(p) for p in workers.read_text().split()} if workers.exists() else set()
 
     def assert_clean_log(self) -> None:
-        log = self.server.log()
-        for sign in ("database is locked", "Traceback", "Exception in ASGI", "store-error"):
-            assert sign not in log, f"server log shows {sign!r}:\n{log}"
+        for server in self.servers:
+            log = server.log()
+            for sign in ("database is locked", "Traceback", "Exception in ASGI", "store-error"):
+                assert sign not in log, f"server log shows {sign!r}:\n{log}"
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """uvicorn --workers 3 on tests/apps.py, one SQLite ledger, a 2 s lease."""
-    root = tmp_path_factory.mktemp("cluster")
+LEDGERS = ["sqlite", *SHARED_KINDS]
+"""SQLite: one host, three workers. Shared ledgers: two hosts of two workers each."""
+
+
+@pytest.fixture(scope="module", params=LEDGERS)
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """The app of tests/apps.py on each ledger, a 2 s lease: one uvicorn with three workers on
+    an SQLite file, or two separate uvicorn instances of two workers on a shared ledger."""
+    kind: str = request.param
+    root = tmp_path_factory.mktemp(f"cluster-{kind}")
     exec_log = root / "executions.log"
     state_dir = root / "state"
     state_dir.mkdir()
+    if kind == "sqlite":
+        store, hosts, workers = f"sqlite:///{root / 'ledger.db'}", 1, WORKERS
+    else:
+        store, hosts, workers = fresh_url(kind, root), 2, 2
     env = {
-        "RS_STORE": f"sqlite:///{root / 'ledger.db'}",  # four slashes: an absolute path
+        "RS_STORE": store,
         "RS_EXEC_LOG": str(exec_log),
         "RS_STATE_DIR": str(state_dir),
         "RS_LEASE": str(LEASE),
@@ -67,17 +97,29 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     }
     workers_file = state_dir / "workers"
 
-    def all_workers_up() -> bool:
-        return workers_file.exists() and len(set(workers_file.read_text().split())) >= WORKERS
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for host in range(hosts):
 
-    with serve_subprocess(
-        "apps:create_app",
-        workers=WORKERS,
-        env=env,
-        log_path=root / "server.log",
-        ready=all_workers_up,
-    ) as server:
-        yield Cluster(server, exec_log, state_dir)
+            def all_workers_up(expected: int = workers * (host + 1)) -> bool:
+                return (
+                    workers_file.exists() and len(set(workers_file.read_text().split())) >= expected
+                )
+
+            servers.append(
+                stack.enter_context(
+                    serve_subprocess(
+                        "apps:create_app",
+                        workers=workers,
+                        env=env,
+                        log_path=root / f"server-{host}.log",
+                        ready=all_workers_up,
+                    )
+                )
+            )
+        yield Cluster(servers, exec_log, state_dir)
+    if kind == "postgres":
+        drop_postgres_table(store)
 
 
 def _post(client: httpx.Client, path: str, key: str, body: bytes) -> httpx.Response:
@@ -89,13 +131,25 @@ def _post(client: httpx.Client, path: str, key: str, body: bytes) -> httpx.Respo
 
 
 def test_concurrent_duplicates_execute_once_across_workers(cluster: Cluster) -> None:
-    """30 keys x 8 concurrent duplicates on 3 workers: one execution and one answer per key."""
+    """30 keys x 8 concurrent duplicates, alternating between the hosts: one execution and one
+    answer per key."""
     keys = [f"mp-{i}" for i in range(KEYS)]
     bodies = {key: b'{"amount": %d}' % i for i, key in enumerate(keys)}
-    with httpx.Client(base_url=cluster.server.base_url, timeout=60) as client:
-        jobs = [key for _ in range(DUPLICATES) for key in keys]
+    hosts = len(cluster.servers)
+    clients = [httpx.Client(base_url=cluster.base_url(h), timeout=60) for h in range(hosts)]
+    with contextlib.ExitStack() as stack:
+        for c in clients:
+            stack.enter_context(c)
+        client = clients[-1]
+        # (host, key): the duplicates of each key alternate between the hosts.
+        jobs = [(d % hosts, key) for d in range(DUPLICATES) for key in keys]
         with ThreadPoolExecutor(max_workers=32) as pool:
-            answers = list(pool.map(lambda k: (k, _post(client, "/work", k, bodies[k])), jobs))
+            answers = list(
+                pool.map(
+                    lambda j: (j[1], _post(clients[j[0]], "/work", j[1], bodies[j[1]])),
+                    jobs,
+                )
+            )
 
         served_by: dict[str, set[str]] = {key: set() for key in keys}
         first_bodies: dict[str, set[bytes]] = {key: set() for key in keys}
@@ -178,11 +232,13 @@ def _retry_until_not_in_progress(
 
 
 def test_killed_worker_leaves_key_reclaimable(cluster: Cluster) -> None:
-    """A worker SIGKILLed mid-handler leaves its key reclaimable after the lease; a retry runs."""
+    """A worker SIGKILLed mid-handler leaves its key reclaimable after the lease (and no
+    longer); a retry, on another host where there is one, runs it and is then replayed."""
     key = "mp-killed"
     body = b'{"order": 7}'
     victim = _kill_mid_handler(cluster, key, body)
-    with httpx.Client(base_url=cluster.server.base_url, timeout=60) as client:
+    # The retry goes to the other host, where there is one.
+    with httpx.Client(base_url=cluster.base_url(1), timeout=60) as client:
         response, statuses = _retry_until_not_in_progress(client, key, body)
         assert response.status_code == 201, (statuses[-5:], response.text)
         assert "idempotent-replayed" not in response.headers

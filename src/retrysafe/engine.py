@@ -33,7 +33,15 @@ from .records import State, StoredResponse
 from .scope import ANONYMOUS
 from .stores import Store, open_store
 
-__all__ = ["DEFAULT_STORE", "Engine", "EngineOptions", "Execution", "Replay"]
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "DEFAULT_STORE",
+    "Engine",
+    "EngineOptions",
+    "Execution",
+    "Replay",
+    "record_id",
+]
 
 logger = logging.getLogger("retrysafe")
 
@@ -65,6 +73,27 @@ class Replay:
 
 
 DEFAULT_STORE = "sqlite:///retrysafe.db"
+DEFAULT_NAMESPACE = "retrysafe"
+
+
+def record_id(namespace: bytes, scope: str | bytes | int | None, key: str) -> tuple[bytes, bytes]:
+    """Hash (namespace, scope, key) into a record's id; also return the scope's 8-byte tag.
+
+    ``scope`` is what the scope function returned (None: anonymous). The tag is a short hash
+    of (namespace, scope) that operators can filter records by; neither the key nor the
+    credentials can be read back from either.
+    """
+    if scope is None:
+        raw = ANONYMOUS
+    elif isinstance(scope, bytes):
+        raw = scope
+    else:  # a str, or a user or tenant id of any other type
+        raw = str(scope).encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(namespace)
+    digest.update(b"\0%d\0" % len(raw) + raw)
+    tag = digest.copy().digest()[:8]
+    digest.update(b"\0" + key.encode("ascii"))
+    return digest.digest(), tag
 
 
 class EngineOptions(PolicyOptions, total=False):
@@ -86,7 +115,7 @@ class Engine:
         store: Store | str = DEFAULT_STORE,
         *,
         routes: Sequence[Route] = (),
-        namespace: str = "retrysafe",
+        namespace: str = DEFAULT_NAMESPACE,
         header: str = "Idempotency-Key",
         problem_base: str = DEFAULT_PROBLEM_BASE,
         fail_open: bool = False,
@@ -175,18 +204,7 @@ class Engine:
         The tag is a short hash of (namespace, scope) that operators can filter records by;
         neither the key nor the credentials can be read back from either.
         """
-        found = policy.scope_function(request)
-        if found is None:
-            scope = ANONYMOUS
-        elif isinstance(found, bytes):
-            scope = found
-        else:  # a str, or a user or tenant id of any other type
-            scope = str(found).encode("utf-8", "surrogatepass")
-        digest = hashlib.sha256(self.namespace)
-        digest.update(b"\0%d\0" % len(scope) + scope)
-        tag = digest.copy().digest()[:8]
-        digest.update(b"\0" + key.encode("ascii"))
-        return digest.digest(), tag
+        return record_id(self.namespace, policy.scope_function(request), key)
 
     def fingerprint(self, request: RequestView, policy: Policy) -> bytes:
         if policy.fingerprint is not None:

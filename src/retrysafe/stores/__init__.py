@@ -1,4 +1,13 @@
-"""Ledgers, chosen by URL: ``memory://``, ``sqlite:///relative.db``, ``sqlite:////abs.db``."""
+"""Ledgers, chosen by URL.
+
+* ``memory://``: one process, for tests;
+* ``sqlite:///relative.db``, ``sqlite:////absolute.db``: the embedded default;
+* ``redis://host:port/db``, ``rediss://...`` (TLS), ``redis+cluster://host:port[,host:port]``;
+* ``postgresql://...`` or ``postgres://...``.
+
+The Redis and PostgreSQL stores are imported only when their URL is used: their client
+libraries are optional extras (``retrysafe[redis]``, ``retrysafe[postgres]``).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +16,11 @@ from typing import TypedDict
 from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import ConfigError
-from .base import Store
+from .base import Store, StoreStats
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
 
-__all__ = ["MemoryStore", "SQLiteStore", "Store", "open_store"]
+__all__ = ["MemoryStore", "SQLiteStore", "Store", "StoreStats", "open_store", "redact_url"]
 
 
 class _SQLiteOptions(TypedDict, total=False):
@@ -32,7 +41,7 @@ def open_store(url: str) -> Store:
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     repeated = sorted(name for name, n in Counter(name for name, _ in pairs).items() if n > 1)
     if repeated:
-        raise ConfigError(f"{url!r}: option(s) given more than once: {', '.join(repeated)}")
+        raise ConfigError(f"{redact_url(url)}: option(s) given more than once: {', '.join(repeated)}")
     options = dict(pairs)
     if parts.scheme == "memory":
         _no_options(url, options)
@@ -63,9 +72,44 @@ def open_store(url: str) -> Store:
             return SQLiteStore(path, **kwargs)
         except ConfigError as exc:
             raise ConfigError(f"{url!r}: {exc}") from None
-    raise ConfigError(f"unknown store URL {url!r}: use memory:// or sqlite:///file.db")
+    if parts.scheme in REDIS_SCHEMES:
+        try:
+            from .redis import RedisStore
+        except ImportError as exc:
+            raise ConfigError(
+                f"{redact_url(url)}: the Redis ledger needs redis-py: pip install 'retrysafe[redis]'"
+                f" ({exc})"
+            ) from None
+        return RedisStore.from_url(url)
+    if parts.scheme in POSTGRES_SCHEMES:
+        try:
+            from .postgres import PostgresStore
+        except ImportError as exc:
+            raise ConfigError(
+                f"{redact_url(url)}: the PostgreSQL ledger needs asyncpg:"
+                f" pip install 'retrysafe[postgres]' ({exc})"
+            ) from None
+        return PostgresStore.from_url(url)
+    raise ConfigError(
+        f"unknown store URL {redact_url(url)}: use memory://, sqlite:///file.db, redis://host:port,"
+        " redis+cluster://host:port or postgresql://host/db"
+    )
+
+
+REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+cluster", "rediss+cluster"})
+POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for error messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return repr(url)
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return repr(parts._replace(netloc=f"{user}:***@{host}").geturl())
 
 
 def _no_options(url: str, options: dict[str, str]) -> None:
     if options:
-        raise ConfigError(f"{url!r}: unknown option(s) {', '.join(sorted(options))}")
+        raise ConfigError(f"{redact_url(url)}: unknown option(s) {', '.join(sorted(options))}")

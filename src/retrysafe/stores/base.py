@@ -103,6 +103,13 @@ class Store(abc.ABC):
         """
         await asyncio.sleep(min(timeout, self.poll_interval))
 
+    async def initialize(self) -> None:  # noqa: B027 - most stores create what they need lazily
+        """Create what the ledger needs (tables, schema) now, if missing; idempotent.
+
+        Stores create it on first use anyway; this is for ``retrysafe store init``, run once
+        by someone allowed to, where the application's own account may not create tables.
+        """
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """Release connections and files."""
 

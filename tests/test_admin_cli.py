@@ -1,0 +1,281 @@
+"""Operators' commands (``retrysafe keys ...``, ``stats``, ``store init``) on every shared ledger.
+
+Records are made the way production makes them, by the middleware in front of an app; the
+commands then run through :func:`retrysafe.cli.main` on a handle of their own, as an operator's
+shell would. ``memory://`` is left out: a second handle is a different ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import drop_postgres_table, fresh_url
+
+from retrysafe import IdempotencyMiddleware, open_store
+from retrysafe.cli import main
+from retrysafe.records import State
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+ALICE = "Bearer alice-token"
+BOB = "Bearer bob-token"
+
+
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster", "postgres"])
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh ledger URL that a second handle (the command's) shares."""
+    url = fresh_url(request.param, tmp_path)
+    yield url
+    if request.param == "postgres":
+        drop_postgres_table(url)
+
+
+class App:
+    """Counts executions; answers 201 with the count."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body", False):
+            pass
+        self.calls += 1
+        body = json.dumps({"n": self.calls}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 201,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def post(url: str, app: App, requests: list[tuple[str, str]]) -> list[int]:
+    """POST ``(key, authorization)`` pairs through the middleware on ``url``; the statuses."""
+
+    async def run() -> list[int]:
+        layer = IdempotencyMiddleware(app, store=url)
+        try:
+            transport = httpx.ASGITransport(app=layer)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                statuses = []
+                for key, auth in requests:
+                    headers = {"Idempotency-Key": key, "Authorization": auth}
+                    response = await client.post("/charges", json={"amount": 5}, headers=headers)
+                    statuses.append(response.status_code)
+                return statuses
+        finally:
+            await layer.aclose()
+
+    return asyncio.run(run())
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def listing(capsys: pytest.CaptureFixture[str], url: str, *options: str) -> dict[str, Any]:
+    status, out, err = run_cli(capsys, "keys", "list", "--store", url, "--json", *options)
+    assert status == 0, err
+    data: dict[str, Any] = json.loads(out)
+    return data
+
+
+def test_list_shows_the_records_the_middleware_wrote(
+    ledger: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``keys list`` shows each executed key as a done record with its status, as JSON and as a
+    table."""
+    assert post(ledger, App(), [("k-1", ALICE), ("k-2", ALICE), ("k-1", BOB)]) == [201] * 3
+    data = listing(capsys, ledger)
+    assert data["next_cursor"] is None
+    records = data["records"]
+    assert len(records) == 3
+    assert {r["state"] for r in records} == {"done"}
+    assert {r["status"] for r in records} == {201}
+    assert len({r["scope"] for r in records}) == 2  # Alice's two keys share her scope's tag
+    status, out, _ = run_cli(capsys, "keys", "list", "--store", ledger)
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["ID", "SCOPE", "STATE", "STATUS"]
+    assert len(lines) == 4
+    assert all(" done " in line and " 201 " in line for line in lines[1:])
+
+
+def test_show_finds_a_key_only_in_its_callers_scope(
+    ledger: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``keys show KEY -H 'Authorization: ...'`` finds the caller's record and no other
+    caller's; ``--id`` with the 12 digits the logs print finds it too."""
+    post(ledger, App(), [("order-7", ALICE)])
+    status, out, err = run_cli(
+        capsys, "keys", "show", "order-7", "-H", f"Authorization: {ALICE}", "--store", ledger,
+        "--json",
+    )  # fmt: skip
+    assert status == 0, err
+    shown = json.loads(out)
+    assert shown["state"] == "done"
+    assert shown["status"] == 201
+    assert ["content-type", "application/json"] in shown["headers"]
+    status, _, err = run_cli(
+        capsys, "keys", "show", "order-7", "-H", f"Authorization: {BOB}", "--store", ledger
+    )
+    assert status == 1
+    assert "no live record" in err
+    status, out, _ = run_cli(capsys, "keys", "show", "--id", shown["id"][:12], "--store", ledger)
+    assert status == 0
+    assert shown["id"] in out
+    assert "201" in out
+
+
+def test_delete_lets_the_key_run_again(ledger: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """After ``keys delete KEY --yes`` the next retry of that key executes anew."""
+    app = App()
+    post(ledger, app, [("pay-1", ALICE), ("pay-1", ALICE)])
+    assert app.calls == 1
+    status, out, err = run_cli(
+        capsys, "keys", "delete", "pay-1", "-H", f"Authorization: {ALICE}", "--yes",
+        "--store", ledger,
+    )  # fmt: skip
+    assert status == 0, err
+    assert out.startswith("deleted ")
+    post(ledger, app, [("pay-1", ALICE)])
+    assert app.calls == 2
+
+
+def test_delete_without_yes_off_a_terminal_is_refused(
+    ledger: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without ``--yes`` and without a terminal to ask on, ``keys delete`` deletes nothing."""
+    app = App()
+    post(ledger, app, [("pay-2", ALICE)])
+    status, _, err = run_cli(
+        capsys, "keys", "delete", "pay-2", "-H", f"Authorization: {ALICE}", "--store", ledger
+    )
+    assert status == 2
+    assert "--yes" in err
+    post(ledger, app, [("pay-2", ALICE)])
+    assert app.calls == 1
+
+
+def test_filters_and_pages(ledger: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Filters by state, scope tag and age select exactly their records; pages of ``--limit``
+    followed by their cursors list every record once."""
+    post(ledger, App(), [(f"a-{i}", ALICE) for i in range(5)] + [("b-0", BOB), ("b-1", BOB)])
+
+    async def claim_one() -> None:
+        store = open_store(ledger)
+        try:
+            rid = secrets.token_bytes(32)
+            assert await store.claim(rid, 1, b"fp", 60, 60, scope=b"\x01" * 8) is None
+        finally:
+            await store.aclose()
+
+    asyncio.run(claim_one())
+    everything = listing(capsys, ledger)["records"]
+    assert len(everything) == 8
+    in_flight = listing(capsys, ledger, "--state", "in-flight")["records"]
+    assert [r["scope"] for r in in_flight] == ["01" * 8]
+    bob = next(r for r in everything if r["scope"] not in {"01" * 8} and r["state"] == "done")
+    tag = bob["scope"]
+    by_tag = listing(capsys, ledger, "--scope-tag", tag)["records"]
+    assert len(by_tag) in {2, 5}
+    assert {r["scope"] for r in by_tag} == {tag}
+    assert listing(capsys, ledger, "--older-than", "1h")["records"] == []
+    assert len(listing(capsys, ledger, "--newer-than", "1h")["records"]) == 8
+
+    seen: list[str] = []
+    cursor: str | None = None
+    for _ in range(20):
+        options = ["--limit", "3"] + ([] if cursor is None else ["--cursor", cursor])
+        page = listing(capsys, ledger, *options)
+        seen += [r["id"] for r in page["records"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(r["id"] for r in everything)
+
+
+def test_stats_and_purge(ledger: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``stats`` counts records by state; ``keys purge`` removes the expired ones and no
+    others."""
+
+    async def fill() -> None:
+        store = open_store(ledger)
+        try:
+            for i in range(3):
+                rid = secrets.token_bytes(32)
+                await store.claim(rid, i, b"fp", 60, 60)
+                await store.complete(rid, i, State.DONE, None, 60)
+            await store.claim(secrets.token_bytes(32), 9, b"fp", 60, 60)
+            for i in range(4):  # expire almost at once
+                rid = secrets.token_bytes(32)
+                await store.claim(rid, i, b"fp", 0.2, 0.2)
+                await store.complete(rid, i, State.NOT_REPLAYABLE, None, 0.2)
+        finally:
+            await store.aclose()
+
+    asyncio.run(fill())
+    time.sleep(0.6)
+    status, out, err = run_cli(capsys, "keys", "purge", "--store", ledger, "--json")
+    assert status == 0, err
+    assert json.loads(out)["deleted"] in {0, 4}  # 0 where the store expires records itself
+    status, out, err = run_cli(capsys, "stats", "--store", ledger, "--json")
+    assert status == 0, err
+    assert json.loads(out) == {"in-flight": 1, "done": 3, "not-replayable": 0, "expired": 0}
+    status, out, _ = run_cli(capsys, "stats", "--store", ledger)
+    assert status == 0
+    assert [line.split() for line in out.splitlines()] == [
+        ["in-flight", "1"], ["done", "3"], ["not-replayable", "0"], ["expired", "0"], ["live", "4"],
+    ]  # fmt: skip
+
+
+def test_store_init_is_idempotent(ledger: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``store init URL`` prepares a ledger and can run again; the ledger then works."""
+    for _ in range(2):
+        status, out, err = run_cli(capsys, "store", "init", ledger)
+        assert status == 0, err
+        assert out.startswith("ledger ready: ")
+    assert post(ledger, App(), [("after-init", ALICE)]) == [201]
+
+
+def test_operator_mistakes_are_reported_not_raised(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bad URLs, missing files, unreachable servers and bad names give a message and a status,
+    never a traceback or a password."""
+    missing = f"sqlite:///{tmp_path / 'none.db'}"
+    status, _, err = run_cli(capsys, "stats", "--store", missing)
+    assert (status, "no ledger at") == (2, err[len("retrysafe: ") :][:12])
+    assert not (tmp_path / "none.db").exists()
+    status, _, err = run_cli(capsys, "stats", "--store", "ftp://x")
+    assert status == 2
+    assert "unknown store URL" in err
+    status, _, err = run_cli(capsys, "stats", "--store", "redis://ops:s3cret@127.0.0.1:1/0")
+    assert status == 1
+    assert "s3cret" not in err
+    assert "127.0.0.1:1" in err
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    run_cli(capsys, "store", "init", url)
+    status, _, err = run_cli(capsys, "keys", "show", "k", "--id", "abcd", "--store", url)
+    assert status == 2
+    assert "not both" in err
+    status, _, err = run_cli(capsys, "keys", "show", "a,b", "--store", url)
+    assert status == 2
+    assert "KEY:" in err
+    status, _, err = run_cli(capsys, "keys", "list", "--older-than", "soon", "--store", url)
+    assert status == 2
+    assert "not a duration" in err
