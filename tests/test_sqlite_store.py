@@ -1,5 +1,5 @@
 """The SQLite ledger beyond the store contract: fork safety, purging off the event loop,
-busy versus down, and configuration errors found at construction.
+busy versus down, group commit, and configuration errors found at construction.
 
 Fork tests really fork (``os.fork``): the child runs a fresh event loop, reports through its
 exit status and leaves with ``os._exit``, so it never returns into pytest.
@@ -23,10 +23,16 @@ from typing import Any
 
 import pytest
 
-from retrysafe import ConfigError, StoreBusy, StoreUnavailable, open_store
+from retrysafe import ConfigError, CorruptRecord, StoreBusy, StoreUnavailable, open_store
 from retrysafe.records import State
 from retrysafe.stores import SQLiteStore
-from retrysafe.stores.sqlite import PURGE_BATCH, _Checkpointer, _is_busy
+from retrysafe.stores.sqlite import (
+    GROUP_PAUSE,
+    GROUP_SAMPLE,
+    PURGE_BATCH,
+    _Checkpointer,
+    _is_busy,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -378,6 +384,100 @@ async def test_a_claim_that_keeps_losing_races_is_busy(ledger: str) -> None:
         store._sql_get += " AND 0"
         with pytest.raises(StoreBusy):
             await store.claim(r, token(), FP, LONG, LONG)
+
+
+# -- group commit -----------------------------------------------------------------------------
+
+
+async def test_concurrent_writes_share_one_transaction(ledger: str) -> None:
+    """Claims and completions asked for in one turn of the loop are committed together, and
+    each gets its own answer."""
+    async with SQLiteStore(ledger) as store:
+        store._connection()
+        commits: list[str] = []
+        store._connection().set_trace_callback(
+            lambda sql: commits.append(sql) if sql.startswith("COMMIT") else None
+        )
+        rids = [rid() for _ in range(20)]
+        tokens = [token() for _ in rids]
+        claims = [store.claim(r, t, FP, LONG, LONG) for r, t in zip(rids, tokens, strict=True)]
+        assert await asyncio.gather(*claims) == [None] * 20
+        assert len(commits) == 1
+        again = await asyncio.gather(*(store.claim(r, token(), FP, LONG, LONG) for r in rids))
+        assert [record.token for record in again if record is not None] == tokens
+        done = [
+            store.complete(r, t, State.DONE, b"response %d" % i, LONG)
+            for i, (r, t) in enumerate(zip(rids, tokens, strict=True))
+        ]
+        assert await asyncio.gather(*done) == [True] * 20
+        for i, r in enumerate(rids):
+            record = await store.get(r)
+            assert record is not None
+            assert record.response == b"response %d" % i
+
+
+async def test_a_corrupt_row_fails_only_its_own_claim_in_a_group(ledger: str) -> None:
+    """A damaged row raises CorruptRecord for its own claim; the claims committed with it stand."""
+    async with SQLiteStore(ledger) as store:
+        bad = rid()
+        assert await store.claim(bad, 5, FP, LONG, LONG) is None
+        store._connection().execute("UPDATE retrysafe_records SET state = 9 WHERE rid = ?", (bad,))
+        good = [rid() for _ in range(3)]
+        results = await asyncio.gather(
+            store.claim(good[0], 1, FP, LONG, LONG),
+            store.claim(bad, 6, FP, LONG, LONG),
+            store.claim(good[1], 2, FP, LONG, LONG),
+            store.claim(good[2], 3, FP, LONG, LONG),
+            return_exceptions=True,
+        )
+        assert [results[0], results[2], results[3]] == [None, None, None]
+        assert isinstance(results[1], CorruptRecord)
+        assert results[1].token == 5
+        for r in good:
+            assert await store.get(r) is not None
+
+
+async def test_a_busy_group_is_retried_until_the_lock_is_free(ledger: str) -> None:
+    """While another connection holds the write lock, a whole group waits; when it is released,
+    every write of the group lands once."""
+    async with SQLiteStore(ledger, busy_timeout=10) as store:
+        assert await store.claim(rid(), token(), FP, LONG, LONG) is None
+        blocker = sqlite3.connect(ledger, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        rids = [rid() for _ in range(10)]
+        claims = asyncio.gather(*(store.claim(r, 7, FP, LONG, LONG) for r in rids))
+        await asyncio.sleep(0.2)
+        assert not claims.done()
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert await claims == [None] * 10
+        again = await asyncio.gather(*(store.claim(r, 8, FP, LONG, LONG) for r in rids))
+        assert all(record is not None and record.token == 7 for record in again)
+
+
+async def test_a_write_cancelled_before_its_commit_is_not_made(ledger: str) -> None:
+    """A claim whose caller is cancelled while it waits for the group commit is never written."""
+    async with SQLiteStore(ledger) as store:
+        r = rid()
+        task = asyncio.ensure_future(store.claim(r, 1, FP, LONG, LONG))
+        await asyncio.sleep(0)  # the claim is queued for the next turn
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await store.get(r) is None
+        assert await store.claim(r, 2, FP, LONG, LONG) is None
+
+
+async def test_writes_one_at_a_time_stop_waiting_for_a_group(ledger: str) -> None:
+    """A store whose writes come alone stops grouping them for a while, and still answers."""
+    async with SQLiteStore(ledger) as store:
+        for _ in range(GROUP_SAMPLE):
+            assert await store.claim(rid(), token(), FP, LONG, LONG) is None
+        assert store._inline_writes == GROUP_PAUSE
+        r, t = rid(), token()
+        assert await store.claim(r, t, FP, LONG, LONG) is None
+        assert await store.complete(r, t, State.DONE, b"x", LONG)
+        assert store._inline_writes == GROUP_PAUSE - 2
 
 
 # -- configuration ------------------------------------------------------------------------------

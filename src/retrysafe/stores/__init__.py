@@ -41,7 +41,9 @@ def open_store(url: str) -> Store:
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     repeated = sorted(name for name, n in Counter(name for name, _ in pairs).items() if n > 1)
     if repeated:
-        raise ConfigError(f"{redact_url(url)}: option(s) given more than once: {', '.join(repeated)}")
+        raise ConfigError(
+            f"{redact_url(url)}: option(s) given more than once: {', '.join(repeated)}"
+        )
     options = dict(pairs)
     if parts.scheme == "memory":
         _no_options(url, options)
@@ -77,8 +79,7 @@ def open_store(url: str) -> Store:
             from .redis import RedisStore
         except ImportError as exc:
             raise ConfigError(
-                f"{redact_url(url)}: the Redis ledger needs redis-py: pip install 'retrysafe[redis]'"
-                f" ({exc})"
+                f"{redact_url(url)}: the Redis ledger cannot be loaded ({exc})"
             ) from None
         return RedisStore.from_url(url)
     if parts.scheme in POSTGRES_SCHEMES:

@@ -10,6 +10,7 @@ import abc
 import asyncio
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Self
 
 from ..records import Record, State
 
@@ -113,7 +114,7 @@ class Store(abc.ABC):
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """Release connections and files."""
 
-    async def __aenter__(self) -> Store:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
