@@ -268,6 +268,11 @@ def test_operator_mistakes_are_reported_not_raised(
     assert status == 1
     assert "s3cret" not in err
     assert "127.0.0.1:1" in err
+    repeated = "postgresql://127.0.0.1/test?password=s3cret&password=s3cret"
+    status, _, err = run_cli(capsys, "stats", "--store", repeated)
+    assert status == 2
+    assert "more than once" in err
+    assert "s3cret" not in err
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     run_cli(capsys, "store", "init", url)
     status, _, err = run_cli(capsys, "keys", "show", "k", "--id", "abcd", "--store", url)

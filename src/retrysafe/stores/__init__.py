@@ -11,6 +11,7 @@ libraries are optional extras (``retrysafe[redis]``, ``retrysafe[postgres]``).
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import TypedDict
 from urllib.parse import parse_qsl, urlsplit
@@ -101,14 +102,23 @@ REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+cluster", "rediss+cluster"}
 POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
 
 
+_SECRET_OPTIONS = re.compile(r"(?i)(^|&)((?:ssl)?password)=[^&]*")
+
+
 def redact_url(url: str) -> str:
-    """``url`` without its password, for error messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` (quoted) without its password, in the netloc or as an option, for messages."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # an unparsable port, say: hide everything after the scheme
+        return repr(url.partition("://")[0] + "://***")
+    query = _SECRET_OPTIONS.sub(r"\1\2=***", parts.query)
+    if password is None and query == parts.query:
         return repr(url)
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return repr(parts._replace(netloc=f"{user}:***@{host}").geturl())
+    if password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    return repr(parts._replace(query=query).geturl())
 
 
 def _no_options(url: str, options: dict[str, str]) -> None:
