@@ -5,8 +5,9 @@
 * ``redis://host:port/db``, ``rediss://...`` (TLS), ``redis+cluster://host:port[,host:port]``;
 * ``postgresql://...`` or ``postgres://...``.
 
-The Redis and PostgreSQL stores are imported only when their URL is used: their client
-libraries are optional extras (``retrysafe[redis]``, ``retrysafe[postgres]``).
+The Redis and PostgreSQL stores are imported only when their URL is used. The Redis store
+speaks the protocol itself (no dependency); the PostgreSQL store needs asyncpg, the optional
+extra ``retrysafe[postgres]``.
 """
 
 from __future__ import annotations
@@ -113,11 +114,14 @@ def redact_url(url: str) -> str:
     except ValueError:  # an unparsable port, say: hide everything after the scheme
         return repr(url.partition("://")[0] + "://***")
     query = _SECRET_OPTIONS.sub(r"\1\2=***", parts.query)
-    if password is None and query == parts.query:
-        return repr(url)
-    if password is not None:
+    if password is None and parts.username and parts.scheme in REDIS_SCHEMES:
+        # redis://secret@host: Redis clients read a lone userinfo as the password.
+        parts = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2])
+    elif password is not None:
         host = parts.netloc.rpartition("@")[2]
         parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    elif query == parts.query:
+        return repr(url)
     return repr(parts._replace(query=query).geturl())
 
 
