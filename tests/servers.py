@@ -9,6 +9,7 @@ server got from it: the statuses it sent and the exceptions it raised.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,3 +228,77 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=15)
+
+
+class Relay:
+    """A TCP relay in front of a real server (PostgreSQL, Redis): the test's switch to make it
+    unreachable or slow. It injects faults; the server behind it is the real one.
+
+    ``cut("down")`` resets every relayed connection and refuses new ones (accepted, then
+    reset); ``cut("stall")`` keeps every connection open but passes nothing (a black hole:
+    only timeouts notice); ``restore()`` relays again. ``delay`` seconds are added to every
+    chunk passed either way (a slow network or a slow server).
+    """
+
+    def __init__(self, host: str, port: int, *, delay: float = 0.0) -> None:
+        self.target = (host, port)
+        self.delay = delay
+        self.mode = "up"
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self._call(asyncio.start_server(self._accept, "127.0.0.1", 0))
+        self.port: int = self.server.sockets[0].getsockname()[1]
+
+    def _call(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.mode == "down":
+            writer.transport.abort()
+            return
+        self.writers.add(writer)
+        if self.mode == "stall":
+            return  # held open, never answered
+        try:
+            upstream_reader, upstream = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.writers.add(upstream)
+        await asyncio.gather(self._pump(reader, upstream), self._pump(upstream_reader, writer))
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                if self.mode == "up":
+                    writer.write(data)
+                    await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.transport.abort()
+            self.writers.discard(writer)
+
+    async def _set(self, mode: str) -> None:
+        self.mode = mode
+        if mode == "down":
+            for writer in list(self.writers):
+                writer.transport.abort()
+            self.writers.clear()
+
+    def cut(self, mode: str = "down") -> None:
+        self._call(self._set(mode))
+
+    def restore(self) -> None:
+        self._call(self._set("up"))
+
+    def close(self) -> None:
+        self.cut("down")
+        self.server.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()

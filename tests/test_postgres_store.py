@@ -21,7 +21,7 @@ import signal
 import threading
 import traceback
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from conftest import drop_postgres_table, fresh_url, require_server
-from servers import Receive, Scope, Send, free_port, poll_until, serve_in_thread
+from servers import Receive, Relay, Scope, Send, free_port, poll_until, serve_in_thread
 
 from retrysafe import ConfigError, IdempotencyMiddleware, StoreUnavailable, open_store
 from retrysafe.errors import CorruptRecord
@@ -597,75 +597,6 @@ async def test_purge_deletes_only_expired_records_in_bounded_batches(
 
 
 # -- the HTTP face while the ledger goes away and comes back -----------------------------------
-
-
-class Relay:
-    """A TCP relay in front of the real PostgreSQL: the test's switch to make it unreachable.
-
-    ``cut("down")`` resets every relayed connection and refuses new ones (accepted, then
-    reset); ``cut("stall")`` keeps every connection open but passes nothing (a black hole:
-    only timeouts notice); ``restore()`` relays again.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.mode = "up"
-        self.writers: set[asyncio.StreamWriter] = set()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = self._call(asyncio.start_server(self._accept, "127.0.0.1", 0))
-        self.port: int = self.server.sockets[0].getsockname()[1]
-
-    def _call(self, coroutine: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.mode == "down":
-            writer.transport.abort()
-            return
-        self.writers.add(writer)
-        if self.mode == "stall":
-            return  # held open, never answered
-        try:
-            upstream_reader, upstream = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self.writers.add(upstream)
-        await asyncio.gather(self._pump(reader, upstream), self._pump(upstream_reader, writer))
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                if self.mode == "up":
-                    writer.write(data)
-                    await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.transport.abort()
-            self.writers.discard(writer)
-
-    async def _set(self, mode: str) -> None:
-        self.mode = mode
-        if mode == "down":
-            for writer in list(self.writers):
-                writer.transport.abort()
-            self.writers.clear()
-
-    def cut(self, mode: str = "down") -> None:
-        self._call(self._set(mode))
-
-    def restore(self) -> None:
-        self._call(self._set("up"))
-
-    def close(self) -> None:
-        self.cut("down")
-        self.server.close()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.mark.parametrize("fault", ["down", "stall"])
