@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,3 +303,26 @@ class Relay:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+def fork_child(body: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    """Fork; the child runs ``body`` on a new event loop and exits 0 only if it succeeded."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, which never returns
+        code = 1
+        try:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler
+            signal.alarm(30)  # never outlive a stuck test
+            asyncio.run(body())
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def exit_code(pid: int) -> int:
+    """Wait for child ``pid``; return its exit status."""
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)

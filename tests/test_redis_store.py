@@ -20,8 +20,7 @@ import socket
 import subprocess
 import threading
 import time
-import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +28,7 @@ import httpx
 import pytest
 import redis
 from conftest import fresh_url, require_server
-from servers import free_port, poll_until, serve_in_thread
+from servers import fork_child, free_port, poll_until, serve_in_thread
 
 from retrysafe import (
     ConfigError,
@@ -816,23 +815,6 @@ def test_a_store_outlives_its_event_loops() -> None:
     assert record is not None
     assert record.response == b"done"
     asyncio.run(store.aclose())
-
-
-def fork_child(body: Callable[[], Coroutine[Any, Any, None]]) -> int:
-    """Fork; the child runs ``body`` on a new event loop and exits 0 only if it succeeded."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child, which never returns
-        code = 1
-        try:
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)
-            signal.alarm(30)
-            asyncio.run(body())
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
 
 
 @forks

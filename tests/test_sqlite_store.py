@@ -13,15 +13,13 @@ import gc
 import os
 import re
 import secrets
-import signal
 import sqlite3
 import threading
-import traceback
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from servers import exit_code, fork_child
 
 from retrysafe import ConfigError, CorruptRecord, StoreBusy, StoreUnavailable, open_store
 from retrysafe.records import State
@@ -64,28 +62,6 @@ class FakeClock:
     def __call__(self) -> float:
         self.threads.add(threading.get_ident())
         return self.now
-
-
-def fork_child(body: Callable[[], Coroutine[Any, Any, None]]) -> int:
-    """Fork; the child runs ``body`` on a new event loop and exits 0 only if it succeeded."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child, which never returns
-        code = 1
-        try:
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler
-            signal.alarm(30)  # never outlive a stuck test
-            asyncio.run(body())
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    return pid
-
-
-def exit_code(pid: int) -> int:
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
 
 
 def checkpointers() -> list[_Checkpointer]:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from ..records import Record, State
 
@@ -25,6 +26,20 @@ class StoreStats:
     done: int = 0
     not_replayable: int = 0
     expired: int = 0
+
+    @classmethod
+    def tally(cls, rows: Iterable[Sequence[Any]]) -> StoreStats:
+        """Sum ``(live, state, count)`` rows (a SQL ``GROUP BY``); unknown states are skipped."""
+        counts = dict.fromkeys(State, 0)
+        expired = 0
+        for live, state, n in rows:
+            if not live:
+                expired += n
+            elif state in counts:
+                counts[State(state)] += n
+        return cls(
+            counts[State.IN_FLIGHT], counts[State.DONE], counts[State.NOT_REPLAYABLE], expired
+        )
 
 
 class Store(abc.ABC):

@@ -909,19 +909,7 @@ class PostgresStore(Store):
         async def op(conn: _Connection) -> list[Any]:
             return await conn.fetch(self._sql_stats)
 
-        counts = {State.IN_FLIGHT: 0, State.DONE: 0, State.NOT_REPLAYABLE: 0}
-        expired = 0
-        for live, state, n in await self._run(op):
-            if not live:
-                expired += n
-            elif state in counts:
-                counts[State(state)] += n
-        return StoreStats(
-            in_flight=counts[State.IN_FLIGHT],
-            done=counts[State.DONE],
-            not_replayable=counts[State.NOT_REPLAYABLE],
-            expired=expired,
-        )
+        return StoreStats.tally(await self._run(op))
 
     async def wait(self, rid: bytes, timeout: float) -> None:  # noqa: ASYNC109
         """Return when ``rid`` is completed or released, its lease ends, or ``timeout`` passes.

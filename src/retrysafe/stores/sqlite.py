@@ -524,19 +524,7 @@ class SQLiteStore(Store):
         def op(conn: sqlite3.Connection) -> list[Any]:
             return conn.execute(self._sql_stats, (self._clock(),)).fetchall()
 
-        counts = {State.IN_FLIGHT: 0, State.DONE: 0, State.NOT_REPLAYABLE: 0}
-        expired = 0
-        for live, state, n in await self._run(op):
-            if not live:
-                expired += n
-            elif state in counts:
-                counts[State(state)] += n
-        return StoreStats(
-            in_flight=counts[State.IN_FLIGHT],
-            done=counts[State.DONE],
-            not_replayable=counts[State.NOT_REPLAYABLE],
-            expired=expired,
-        )
+        return StoreStats.tally(await self._run(op))
 
     async def aclose(self) -> None:
         with self._lock:
