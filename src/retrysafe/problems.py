@@ -22,6 +22,12 @@ class ProblemType(enum.Enum):
     REPLAY_UNAVAILABLE = ("replay-unavailable", 410, "Response cannot be replayed")
     STORE_UNAVAILABLE = ("store-unavailable", 503, "Idempotency store unavailable")
     BODY_TOO_LARGE = ("body-too-large", 413, "Request body too large")
+    UPSTREAM_UNAVAILABLE = ("upstream-unavailable", 502, "Upstream unavailable")
+    """The gateway could not reach the upstream, or lost it before its answer was complete."""
+    UPSTREAM_TIMEOUT = ("upstream-timeout", 504, "Upstream timed out")
+    """The gateway gave up waiting for the upstream's answer."""
+    SHUTTING_DOWN = ("shutting-down", 503, "Server shutting down")
+    """The server stopped before the answer was ready (the key, if any, was released)."""
 
     def __init__(self, slug: str, status: int, title: str) -> None:
         self.slug = slug

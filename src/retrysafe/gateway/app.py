@@ -1,0 +1,209 @@
+"""The gateway as one ASGI app: admin endpoints, then the middleware, then the proxy.
+
+``Gateway(settings)`` is what every worker serves; :func:`create_app` builds it from the
+settings the ``retrysafe gateway`` command handed down in the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from ..asgi import IdempotencyMiddleware
+from ..engine import Engine
+from ..hooks import log_decision
+from ..problems import Problem, ProblemType
+from ..stores import open_store
+from .admin import Metrics, TimedStore, log_access, store_health
+from .config import GatewaySettings, load_settings
+from .proxy import Proxy, RouteTable
+from .upstream import UpstreamError
+
+__all__ = ["SETTINGS_ENV", "Gateway", "create_app"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+SETTINGS_ENV = "RETRYSAFE_GATEWAY_SETTINGS"
+"""JSON ``{"config": path or null, "flags": {...}}``: how the command passes its settings on
+to the worker processes, each of which validates them again (cheaply) and builds its app."""
+
+_REPLAYED = b"idempotent-replayed"
+SHUTDOWN_GRACE = 5.0
+"""Seconds the lifespan shutdown waits for cancelled requests to release their keys."""
+
+
+class Gateway:
+    """Admin endpoints under ``settings.admin_prefix``; everything else goes to the upstream."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.routes = RouteTable(settings)
+        self.metrics = Metrics(self.routes)
+        self.store = TimedStore(open_store(settings.store), self.metrics)
+        engine = Engine(
+            self.store,
+            routes=settings.engine_routes(),
+            namespace=settings.namespace,
+            header=settings.header,
+            problem_base=settings.problem_base,
+            fail_open=settings.fail_open,
+            hooks=[log_decision, self.metrics.decision],
+            **settings.defaults,
+        )
+        self.proxy = Proxy(settings, self.routes, self.metrics)
+        self.layer = IdempotencyMiddleware(self.proxy, engine=engine)
+        prefix = settings.admin_prefix
+        self.admin = (
+            {prefix + "/health": self._health, prefix + "/ready": self._ready,
+             prefix + "/metrics": self._metrics}
+            if prefix else {}
+        )  # fmt: skip
+        self.access_log = settings.access_log
+        self._date = b""
+        self._date_second = -1
+        self._inflight: set[asyncio.Task[Any]] = set()
+        """Request tasks running: shutdown waits for them before closing the ledger."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            admin = self.admin.get(scope["path"]) if self.admin else None
+            if admin is not None:
+                await admin(send)
+            else:
+                await self._serve(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            await self.layer(scope, receive, send)
+
+    def _http_date(self) -> bytes:
+        now = int(time.time())
+        if now != self._date_second:
+            self._date_second = now
+            self._date = email.utils.formatdate(now, usegmt=True).encode()
+        return self._date
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        status = 0
+        replayed = False
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status, replayed
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = message.get("headers", ())
+                dated = False
+                for name, _ in headers:
+                    if name == b"date":
+                        dated = True
+                    elif name == _REPLAYED:
+                        replayed = True
+                if not dated:  # replays and problems: the upstream's Date is never stored
+                    message = {**message, "headers": [*headers, (b"date", self._http_date())]}
+            await send(message)
+
+        try:
+            await self.layer(scope, receive, observed_send)
+        except asyncio.CancelledError:
+            # The server's shutdown timeout ran out: the middleware has released the key on
+            # its way out. Rather than uvicorn's bare 500, tell the client to retry elsewhere.
+            if status:
+                raise
+            problem = Problem(
+                ProblemType.SHUTTING_DOWN,
+                "The gateway shut down before the upstream answered; the upstream may have"
+                " executed the request. Retry with the same key.",
+                retry_after=1,
+            )
+            body = problem.body(self.settings.problem_base)
+            headers = [*problem.headers(len(body)), (b"connection", b"close")]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            status = 503
+        finally:
+            if task is not None:
+                self._inflight.discard(task)
+            route = self.routes.lookup(scope["path"]).label
+            self.metrics.response(route, status)
+            if self.access_log:
+                log_access(
+                    scope.get("client"), scope["method"], scope["path"], status,
+                    time.perf_counter() - started, route, replayed,
+                )  # fmt: skip
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def aclose(self) -> None:
+        """Close the ledger and the upstream connections, once the requests still running (the
+        ones uvicorn cancelled at its shutdown timeout) have released their keys."""
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=SHUTDOWN_GRACE)
+        await self.layer.aclose()
+        await self.proxy.aclose()
+
+    # -- admin endpoints ------------------------------------------------------------------------
+
+    async def _answer(self, send: Send, status: int, body: bytes, content_type: str) -> None:
+        headers = [
+            (b"content-type", content_type.encode()),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+            (b"date", self._http_date()),
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _health(self, send: Send) -> None:
+        """Liveness: the worker serves requests."""
+        body = json.dumps({"status": "ok", "pid": os.getpid()}).encode()
+        await self._answer(send, 200, body, "application/json")
+
+    async def _ready(self, send: Send) -> None:
+        """Readiness: the ledger answers a read and the upstream accepts a connection."""
+        ledger = await store_health(self.store)
+        upstream = None
+        try:
+            conn = await self.proxy.pool.connect()
+            conn.abort()
+        except UpstreamError as exc:
+            upstream = str(exc)
+        ok = ledger is None and upstream is None
+        document = {
+            "status": "ok" if ok else "unavailable",
+            "ledger": ledger or "ok",
+            "upstream": upstream or "ok",
+        }
+        await self._answer(
+            send, 200 if ok else 503, json.dumps(document).encode(), "application/json"
+        )
+
+    async def _metrics(self, send: Send) -> None:
+        body, content_type = await asyncio.to_thread(self.metrics.render)
+        await self._answer(send, 200, body, content_type)
+
+
+def create_app() -> Gateway:
+    """The worker's app, from :data:`SETTINGS_ENV` (the ``--factory`` of the server)."""
+    payload = json.loads(os.environ[SETTINGS_ENV])
+    return Gateway(load_settings(payload.get("config"), **payload.get("flags", {})))

@@ -1,0 +1,240 @@
+"""Real processes for the gateway tests: the upstream (``upstream_app``) and ``retrysafe gateway``.
+
+``run_upstream(tmp)`` runs the upstream under uvicorn, ``run_gateway(upstream_url, ...)`` runs
+the real command (``python -m retrysafe gateway ...``), each in a process group of its own that
+is always stopped. Both yield a handle with the base URL and the process's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from servers import TESTS_DIR, free_port, poll_until
+
+__all__ = ["DropRelay", "Process", "Upstream", "run_gateway", "run_upstream", "stop"]
+
+
+@dataclass
+class Process:
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+
+@dataclass
+class Upstream(Process):
+    exec_log: Path
+    state_dir: Path
+
+    def executions(self, key: str | None = None, path: str | None = None) -> list[list[str]]:
+        """The executions so far, each ``[method, path, key, nonce]``, optionally filtered."""
+        try:
+            lines = self.exec_log.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        rows = [line.split(" ") for line in lines if line]
+        return [r for r in rows if (key is None or r[2] == key) and (path is None or r[1] == path)]
+
+    def go(self, key: str) -> None:
+        """Let ``/stream`` requests with this key send their last chunk."""
+        (self.state_dir / f"go-{key}").touch()
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p
+    )
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return env
+
+
+def _start(
+    command: Sequence[str], env: dict[str, str], log_path: Path, cwd: Path
+) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(cwd),
+            start_new_session=True,
+        )
+
+
+def _wait_healthy(process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+    def answers() -> bool:
+        if process.poll() is not None:
+            log = log_path.read_text(errors="replace")
+            raise RuntimeError(f"{url} exited with {process.returncode}:\n{log}")
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    poll_until(answers, timeout=60, interval=0.05, what=url)
+
+
+def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    """Stop a server (``sig``, a wait, then SIGKILL to its group); return its exit status."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=15)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    return process.wait(timeout=15)
+
+
+@contextlib.contextmanager
+def run_upstream(directory: Path, *, workers: int = 1) -> Iterator[Upstream]:
+    """The test upstream under ``uvicorn --workers N``, its executions logged in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = _env()
+    exec_log = directory / "executions.log"
+    env["UP_EXEC_LOG"] = str(exec_log)
+    env["UP_STATE_DIR"] = str(directory)
+    log_path = directory / "upstream.log"
+    command = [
+        sys.executable, "-m", "uvicorn", "upstream_app:create_app", "--factory",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+        "--log-level", "warning", "--no-access-log", "--timeout-graceful-shutdown", "1",
+    ]  # fmt: skip
+    process = _start(command, env, log_path, directory)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(process, url + "/health", log_path)
+        yield Upstream(process, url, log_path, exec_log, directory)
+    finally:
+        stop(process)
+
+
+def gateway_command(upstream: str, port: int, *args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "retrysafe", "gateway", "--upstream", upstream,
+        "--host", "127.0.0.1", "--port", str(port), *args,
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def run_gateway(
+    upstream: str,
+    directory: Path,
+    *args: str,
+    config: str | None = None,
+    name: str = "gateway",
+    health: str = "/_retrysafe/health",
+) -> Iterator[Process]:
+    """``retrysafe gateway --upstream <upstream> *args`` (with ``config`` as its TOML file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    extra = list(args)
+    if config is not None:
+        path = directory / f"{name}.toml"
+        path.write_text(config)
+        extra += ["--config", str(path)]
+    log_path = directory / f"{name}.log"
+    process = _start(gateway_command(upstream, port, *extra), _env(), log_path, directory)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(process, url + health, log_path)
+        yield Process(process, url, log_path)
+    finally:
+        stop(process)
+
+
+class DropRelay:
+    """A TCP relay in front of the gateway whose network loses answers.
+
+    Requests pass; the answer to the first ``drops`` requests carrying each ``Idempotency-Key``
+    is thrown away and the client's connection reset as its first byte comes back, so the client
+    sees a connection error *after* the server executed the request: the case retries with a key
+    exist for. Requests without a key pass untouched.
+    """
+
+    _KEY = re.compile(rb"(?im)^idempotency-key:[ \t]*([^\r\n]*?)[ \t]*\r?$")
+
+    def __init__(self, port: int, *, drops: int = 1) -> None:
+        self.target = port
+        self.drops = drops
+        self.dropped: dict[bytes, int] = {}
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._accept, "127.0.0.1", 0), self.loop
+        ).result(30)
+        self.port: int = self.server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        state: dict[str, bytes | None] = {"key": None}
+
+        async def requests() -> None:
+            try:
+                while data := await reader.read(65536):
+                    if match := self._KEY.search(data):
+                        state["key"] = match.group(1)
+                    up_writer.write(data)
+                    await up_writer.drain()
+            except OSError:
+                pass
+            finally:
+                up_writer.transport.abort()
+
+        async def answers() -> None:
+            try:
+                while data := await up_reader.read(65536):
+                    key = state["key"]
+                    if key is not None and self.dropped.get(key, 0) < self.drops:
+                        self.dropped[key] = self.dropped.get(key, 0) + 1
+                        break  # the answer is lost on the way back
+                    writer.write(data)
+                    await writer.drain()
+            except OSError:
+                pass
+            finally:
+                writer.transport.abort()
+                up_writer.transport.abort()
+
+        await asyncio.gather(requests(), answers())
+
+    async def _shutdown(self) -> None:
+        self.server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
