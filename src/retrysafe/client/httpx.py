@@ -1,0 +1,458 @@
+"""The httpx face: :class:`RetryTransport` / :class:`AsyncRetryTransport` wrap any httpx transport
+with the retry loop of :mod:`retrysafe.client.policy`; :class:`Client` / :class:`AsyncClient`
+are ``httpx.Client`` / ``httpx.AsyncClient`` with those transports and named operations.
+
+Exceptions are classified for the policy like this::
+
+    httpx.TransportError
+    ├── ConnectError, ConnectTimeout, PoolTimeout      not sent: always retried
+    ├── ReadError, WriteError, CloseError,
+    │   ReadTimeout, WriteTimeout, RemoteProtocolError maybe sent: retried if keyed or idempotent
+    └── LocalProtocolError, UnsupportedProtocol,
+        ProxyError                                     fatal: never retried
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from collections.abc import Mapping
+from typing import Any, TypedDict, Unpack
+
+import httpx
+
+from ..errors import ConfigError
+from .journal import KeyJournal
+from .policy import (
+    Answered,
+    Attempt,
+    Call,
+    Failed,
+    Outcome,
+    Reach,
+    RetryInfo,
+    RetryPolicy,
+    Wait,
+    advance,
+)
+
+if typing.TYPE_CHECKING:
+    from httpx._client import UseClientDefault
+    from httpx._types import (
+        AuthTypes,
+        CookieTypes,
+        HeaderTypes,
+        QueryParamTypes,
+        RequestContent,
+        RequestData,
+        RequestExtensions,
+        RequestFiles,
+        TimeoutTypes,
+    )
+
+__all__ = ["READ_BODY", "AsyncClient", "AsyncRetryTransport", "Client", "RetryTransport"]
+
+READ_BODY = "retrysafe.read_body"
+"""Request extension: read the response body inside the retry loop, so that a connection lost
+mid-body is retried too. :class:`Client` sets it for every call that is not ``stream()``ed."""
+
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_MAYBE_SENT = (
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.CloseError,
+    httpx.ReadTimeout,
+    httpx.WriteTimeout,
+    httpx.RemoteProtocolError,
+)
+
+
+def _failed(exc: httpx.TransportError) -> Failed:
+    if isinstance(exc, _NOT_SENT):
+        reach = Reach.NOT_SENT
+    elif isinstance(exc, _MAYBE_SENT):
+        reach = Reach.MAYBE_SENT
+    else:
+        reach = Reach.FATAL
+    return Failed(reach, type(exc).__name__)
+
+
+def _call(policy: RetryPolicy, request: httpx.Request) -> Call:
+    """Give the request its key (unless it has one or its method takes none) and describe it."""
+    key = request.headers.get(policy.header)
+    if key is None and policy.wants_key(request.method):
+        key = policy.key_factory()
+        request.headers[policy.header] = key
+    # Bodies given as bytes, str, JSON or a form are a ByteStream and can be sent again;
+    # iterators, generators and multipart uploads are one-shot.
+    return Call(request.method, key, replayable=isinstance(request.stream, httpx.ByteStream))
+
+
+def _answered(response: httpx.Response, body: bytes | None) -> Answered:
+    headers = response.headers
+    replayed = headers.get("idempotent-replayed", "").strip().lower() in ("true", "?1")
+    return Answered(
+        response.status_code,
+        headers.get("retry-after"),
+        headers.get("content-type"),
+        replayed,
+        body,
+    )
+
+
+def _budgeted(request: httpx.Request, timeouts: Any, budget: float | None) -> None:
+    """Cut the request's timeouts to the time left before the deadline."""
+    if budget is None or not isinstance(timeouts, Mapping):
+        return
+    budget = max(budget, 0.001)
+    capped = {name: budget if t is None else min(t, budget) for name, t in timeouts.items()}
+    request.extensions = {**request.extensions, "timeout": capped}
+
+
+def _rebuilt(response: httpx.Response, raw: bytes) -> httpx.Response:
+    """The response again, its (still encoded) body read into memory."""
+    return httpx.Response(
+        response.status_code,
+        headers=response.headers,
+        stream=httpx.ByteStream(raw),
+        extensions=dict(response.extensions),
+    )
+
+
+def _decoded(response: httpx.Response) -> bytes | None:
+    """A rebuilt response's body without its content encoding, None if it cannot be decoded."""
+    try:
+        return response.read()
+    except httpx.DecodingError:
+        return None
+
+
+def _finish(
+    info: RetryInfo, response: httpx.Response | None, error: httpx.TransportError | None
+) -> httpx.Response:
+    if response is not None:
+        response.extensions["retrysafe"] = info
+        return response
+    assert error is not None
+    error.add_note(
+        f"retrysafe: gave up after {info.attempts} attempt(s) ({info.stopped}): "
+        f"{', '.join(info.outcomes)}; Idempotency-Key {info.key or '(none)'}"
+    )
+    raise error
+
+
+class RetryTransport(httpx.BaseTransport):
+    """Retries requests through ``transport`` (default: ``httpx.HTTPTransport()``) as ``policy``
+    says: POST and PATCH get a key that every retry of the call reuses.
+
+    ``read_body=True`` reads every response's body inside the loop (so a body lost mid-way is
+    retried); by default only calls marked with the :data:`READ_BODY` extension are, as
+    :class:`Client` marks every call except ``stream()``.
+    """
+
+    def __init__(
+        self,
+        transport: httpx.BaseTransport | None = None,
+        *,
+        policy: RetryPolicy | None = None,
+        read_body: bool = False,
+    ) -> None:
+        self.transport = httpx.HTTPTransport() if transport is None else transport
+        self.policy = RetryPolicy() if policy is None else policy
+        self.read_body = read_body
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        policy = self.policy
+        plan = policy.plan(_call(policy, request))
+        read_body = self.read_body or bool(request.extensions.get(READ_BODY))
+        timeouts = request.extensions.get("timeout")
+        response: httpx.Response | None = None
+        error: httpx.TransportError | None = None
+        try:
+            step = advance(plan, None)
+            while not isinstance(step, RetryInfo):
+                if isinstance(step, Wait):
+                    if response is not None:
+                        response.close()
+                    policy.clock.sleep(step.seconds)
+                    step = advance(plan, None)
+                    continue
+                assert isinstance(step, Attempt)
+                _budgeted(request, timeouts, step.budget)
+                response = error = None
+                outcome: Outcome
+                try:
+                    response = self.transport.handle_request(request)
+                    body = None
+                    content_type = response.headers.get("content-type")
+                    if read_body or policy.needs_body(response.status_code, content_type):
+                        try:
+                            raw = b"".join(response.iter_raw())
+                        finally:
+                            response.close()
+                        response = _rebuilt(response, raw)
+                        body = _decoded(response)
+                    outcome = _answered(response, body)
+                except httpx.TransportError as exc:
+                    response, error = None, exc
+                    outcome = _failed(exc)
+                step = advance(plan, outcome)
+        except BaseException:
+            if response is not None:
+                response.close()
+            raise
+        return _finish(step, response, error)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class AsyncRetryTransport(httpx.AsyncBaseTransport):
+    """:class:`RetryTransport` for ``httpx.AsyncClient`` (asyncio or trio)."""
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        policy: RetryPolicy | None = None,
+        read_body: bool = False,
+    ) -> None:
+        self.transport = httpx.AsyncHTTPTransport() if transport is None else transport
+        self.policy = RetryPolicy() if policy is None else policy
+        self.read_body = read_body
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        policy = self.policy
+        plan = policy.plan(_call(policy, request))
+        read_body = self.read_body or bool(request.extensions.get(READ_BODY))
+        timeouts = request.extensions.get("timeout")
+        response: httpx.Response | None = None
+        error: httpx.TransportError | None = None
+        try:
+            step = advance(plan, None)
+            while not isinstance(step, RetryInfo):
+                if isinstance(step, Wait):
+                    if response is not None:
+                        await response.aclose()
+                    await policy.clock.asleep(step.seconds)
+                    step = advance(plan, None)
+                    continue
+                assert isinstance(step, Attempt)
+                _budgeted(request, timeouts, step.budget)
+                response = error = None
+                outcome: Outcome
+                try:
+                    response = await self.transport.handle_async_request(request)
+                    body = None
+                    content_type = response.headers.get("content-type")
+                    if read_body or policy.needs_body(response.status_code, content_type):
+                        try:
+                            raw = b"".join([chunk async for chunk in response.aiter_raw()])
+                        finally:
+                            await response.aclose()
+                        response = _rebuilt(response, raw)
+                        body = _decoded(response)
+                    outcome = _answered(response, body)
+                except httpx.TransportError as exc:
+                    response, error = None, exc
+                    outcome = _failed(exc)
+                step = advance(plan, outcome)
+        except BaseException:
+            if response is not None:
+                await response.aclose()
+            raise
+        return _finish(step, response, error)
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+# --- the clients ----------------------------------------------------------------------------
+
+
+class RequestOptions(TypedDict, total=False):
+    """The keyword arguments of ``httpx.Client.request`` after the URL."""
+
+    content: RequestContent | None
+    data: RequestData | None
+    files: RequestFiles | None
+    json: Any
+    params: QueryParamTypes | None
+    headers: HeaderTypes | None
+    cookies: CookieTypes | None
+    auth: AuthTypes | UseClientDefault | None
+    follow_redirects: bool | UseClientDefault
+    timeout: TimeoutTypes | UseClientDefault
+    extensions: RequestExtensions | None
+
+
+def _journal(journal: KeyJournal | str | os.PathLike[str] | None) -> KeyJournal | None:
+    return journal if journal is None or isinstance(journal, KeyJournal) else KeyJournal(journal)
+
+
+def _with_key(
+    policy: RetryPolicy, options: RequestOptions, operation: str, key: str
+) -> RequestOptions:
+    """``options`` with ``operation``'s key in the headers."""
+    headers = httpx.Headers(options.get("headers"))
+    if policy.header in headers:
+        raise ConfigError(f"pass either operation= or an {policy.header} header, not both")
+    headers[policy.header] = key
+    return {**options, "headers": headers}
+
+
+def _no_journal(operation: str) -> ConfigError:
+    return ConfigError(f"operation={operation!r} needs a key journal: Client(journal=PATH)")
+
+
+class Client(httpx.Client):
+    """``httpx.Client`` that retries safely: the same constructor (plus ``retry=`` and
+    ``journal=``) and methods (plus ``operation=`` on ``request``, ``post`` and ``patch``).
+
+    Every transport of the client (the default one, ``transport=`` and ``mounts=``) is wrapped
+    in a :class:`RetryTransport` with the ``retry`` policy. With a ``journal`` (a
+    :class:`KeyJournal` or a path to its SQLite file), ``operation="order-42/charge"`` sends
+    that operation's recorded key, so running it again (after a crash, say) is replayed.
+    """
+
+    def __init__(
+        self,
+        *,
+        retry: RetryPolicy | None = None,
+        journal: KeyJournal | str | os.PathLike[str] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        self.retry = RetryPolicy() if retry is None else retry
+        self.journal = _journal(journal)
+        # httpx keeps its transports in these two attributes; wrapping them (rather than
+        # rebuilding them) keeps every option that shaped them (verify, proxy, limits, ...).
+        self._transport = self._wrap(self._transport)
+        self._mounts = {
+            pattern: None if transport is None else self._wrap(transport)
+            for pattern, transport in self._mounts.items()
+        }
+
+    def _wrap(self, transport: httpx.BaseTransport) -> httpx.BaseTransport:
+        """The transport inside a :class:`RetryTransport` (once: a given one is kept)."""
+        if isinstance(transport, RetryTransport):
+            return transport
+        return RetryTransport(transport, policy=self.retry)
+
+    def send(
+        self, request: httpx.Request, *, stream: bool = False, **options: Any
+    ) -> httpx.Response:
+        if not stream:
+            request.extensions = {**request.extensions, READ_BODY: True}
+        return super().send(request, stream=stream, **options)
+
+    def request(
+        self,
+        method: str,
+        url: httpx.URL | str,
+        *,
+        operation: str | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> httpx.Response:
+        """``httpx.Client.request``; ``operation`` names the call for the key journal."""
+        if operation is not None:
+            if self.journal is None:
+                raise _no_journal(operation)
+            key = self.journal.key_for(operation)
+            options = _with_key(self.retry, options, operation, key)
+        return super().request(method, url, **options)
+
+    def post(
+        self,
+        url: httpx.URL | str,
+        *,
+        operation: str | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> httpx.Response:
+        """``httpx.Client.post``; ``operation`` names the call for the key journal."""
+        return self.request("POST", url, operation=operation, **options)
+
+    def patch(
+        self,
+        url: httpx.URL | str,
+        *,
+        operation: str | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> httpx.Response:
+        """``httpx.Client.patch``; ``operation`` names the call for the key journal."""
+        return self.request("PATCH", url, operation=operation, **options)
+
+
+class AsyncClient(httpx.AsyncClient):
+    """:class:`Client` for async code: ``httpx.AsyncClient`` with :class:`AsyncRetryTransport`.
+
+    The journal is written in a worker thread, so its sync never blocks the event loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        retry: RetryPolicy | None = None,
+        journal: KeyJournal | str | os.PathLike[str] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        self.retry = RetryPolicy() if retry is None else retry
+        self.journal = _journal(journal)
+        self._transport = self._wrap(self._transport)
+        self._mounts = {
+            pattern: None if transport is None else self._wrap(transport)
+            for pattern, transport in self._mounts.items()
+        }
+
+    def _wrap(self, transport: httpx.AsyncBaseTransport) -> httpx.AsyncBaseTransport:
+        """The transport inside an :class:`AsyncRetryTransport` (once: a given one is kept)."""
+        if isinstance(transport, AsyncRetryTransport):
+            return transport
+        return AsyncRetryTransport(transport, policy=self.retry)
+
+    async def send(
+        self, request: httpx.Request, *, stream: bool = False, **options: Any
+    ) -> httpx.Response:
+        if not stream:
+            request.extensions = {**request.extensions, READ_BODY: True}
+        return await super().send(request, stream=stream, **options)
+
+    async def request(
+        self,
+        method: str,
+        url: httpx.URL | str,
+        *,
+        operation: str | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> httpx.Response:
+        """``httpx.AsyncClient.request``; ``operation`` names the call for the key journal."""
+        if operation is not None:
+            journal = self.journal
+            if journal is None:
+                raise _no_journal(operation)
+            import anyio.to_thread
+
+            key = await anyio.to_thread.run_sync(journal.key_for, operation)
+            options = _with_key(self.retry, options, operation, key)
+        return await super().request(method, url, **options)
+
+    async def post(
+        self,
+        url: httpx.URL | str,
+        *,
+        operation: str | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> httpx.Response:
+        """``httpx.AsyncClient.post``; ``operation`` names the call for the key journal."""
+        return await self.request("POST", url, operation=operation, **options)
+
+    async def patch(
+        self,
+        url: httpx.URL | str,
+        *,
+        operation: str | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> httpx.Response:
+        """``httpx.AsyncClient.patch``; ``operation`` names the call for the key journal."""
+        return await self.request("PATCH", url, operation=operation, **options)

@@ -1,0 +1,247 @@
+"""The requests face: :class:`RetryAdapter` (a transport adapter to mount on any
+``requests.Session``) and :class:`Session` (``requests.Session`` with it mounted and named
+operations). The decisions are :mod:`retrysafe.client.policy`'s, as for httpx.
+
+Exceptions are classified for the policy like this::
+
+    requests.RequestException
+    ├── ConnectTimeout, ConnectionError from a failed connect  not sent: always retried
+    ├── ReadTimeout, ChunkedEncodingError, other
+    │   ConnectionError (reset, closed without a response)     maybe sent: if keyed or idempotent
+    └── SSLError, ProxyError, InvalidURL, ... (anything else)  fatal: never retried
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import requests
+import requests.adapters
+import urllib3.exceptions
+from requests.structures import CaseInsensitiveDict
+
+from ..errors import ConfigError
+from .journal import KeyJournal
+from .policy import (
+    Answered,
+    Attempt,
+    Call,
+    Failed,
+    Outcome,
+    Reach,
+    RetryInfo,
+    RetryPolicy,
+    Wait,
+    advance,
+)
+
+__all__ = ["INFO_ATTRIBUTE", "RetryAdapter", "RetrySession", "Session"]
+
+INFO_ATTRIBUTE = "retrysafe"
+"""The response attribute holding the call's :class:`RetryInfo` (``retry_info(response)``)."""
+
+
+def _failed(exc: requests.RequestException) -> Failed:
+    label = type(exc).__name__
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return Failed(Reach.NOT_SENT, label)
+    if isinstance(exc, requests.exceptions.SSLError | requests.exceptions.ProxyError):
+        return Failed(Reach.FATAL, label)
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        reason = exc.args[0] if exc.args else None
+        if isinstance(reason, urllib3.exceptions.MaxRetryError):
+            reason = reason.reason
+        if isinstance(
+            reason, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError
+        ):
+            return Failed(Reach.NOT_SENT, label)
+        return Failed(Reach.MAYBE_SENT, label)
+    if isinstance(exc, requests.exceptions.ReadTimeout | requests.exceptions.ChunkedEncodingError):
+        return Failed(Reach.MAYBE_SENT, label)
+    return Failed(Reach.FATAL, label)
+
+
+def _call(policy: RetryPolicy, request: requests.PreparedRequest) -> Call:
+    key = request.headers.get(policy.header)
+    if key is None and policy.wants_key(request.method or ""):
+        key = policy.key_factory()
+        request.headers[policy.header] = key
+    # bytes and str bodies can be sent again; files and generators are one-shot.
+    replayable = request.body is None or isinstance(request.body, bytes | str)
+    return Call(request.method or "GET", key, replayable)
+
+
+def _budgeted(timeout: Any, budget: float | None) -> Any:
+    """Cut ``timeout`` (seconds, a (connect, read) pair or None) to the time left."""
+    if budget is None:
+        return timeout
+    budget = max(budget, 0.001)
+    if timeout is None:
+        return budget
+    if isinstance(timeout, int | float):
+        return min(timeout, budget)
+    if isinstance(timeout, tuple) and len(timeout) == 2:
+        return tuple(budget if t is None else min(t, budget) for t in timeout)
+    return timeout  # a urllib3 Timeout: left as given
+
+
+def _answered(response: requests.Response, body: bytes | None) -> Answered:
+    headers = response.headers
+    replayed = headers.get("idempotent-replayed", "").strip().lower() in ("true", "?1")
+    return Answered(
+        response.status_code,
+        headers.get("retry-after"),
+        headers.get("content-type"),
+        replayed,
+        body,
+    )
+
+
+class RetryAdapter(requests.adapters.HTTPAdapter):
+    """``HTTPAdapter`` that retries as ``policy`` says; mount it on any session::
+
+        session.mount("https://", RetryAdapter(policy=RetryPolicy(attempts=3)))
+
+    Bodies are read inside the retry loop (unless the call is ``stream=True``), so a
+    response lost mid-body is retried too. urllib3's own retries stay off.
+    """
+
+    def __init__(self, *, policy: RetryPolicy | None = None, **options: Any) -> None:
+        if options.get("max_retries", 0) != 0:
+            raise ConfigError("RetryAdapter does the retrying: leave max_retries at 0")
+        super().__init__(**options)
+        self.policy = RetryPolicy() if policy is None else policy
+
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: Any = None,
+        verify: bool | str = True,
+        cert: Any = None,
+        proxies: Mapping[str, str] | None = None,
+    ) -> requests.Response:
+        policy = self.policy
+        plan = policy.plan(_call(policy, request))
+        response: requests.Response | None = None
+        error: requests.RequestException | None = None
+        try:
+            step = advance(plan, None)
+            while not isinstance(step, RetryInfo):
+                if isinstance(step, Wait):
+                    if response is not None:
+                        response.close()
+                    policy.clock.sleep(step.seconds)
+                    step = advance(plan, None)
+                    continue
+                assert isinstance(step, Attempt)
+                response = error = None
+                outcome: Outcome
+                try:
+                    response = super().send(
+                        request,
+                        stream=True,
+                        timeout=_budgeted(timeout, step.budget),
+                        verify=verify,
+                        cert=cert,
+                        proxies=proxies,
+                    )
+                    body = None
+                    content_type = response.headers.get("content-type")
+                    if not stream or policy.needs_body(response.status_code, content_type):
+                        body = response.content  # kept: the session will not read it again
+                    outcome = _answered(response, body)
+                except requests.RequestException as exc:
+                    if response is not None:
+                        response.close()
+                    response, error = None, exc
+                    outcome = _failed(exc)
+                step = advance(plan, outcome)
+        except BaseException:
+            if response is not None:
+                response.close()
+            raise
+        if response is not None:
+            setattr(response, INFO_ATTRIBUTE, step)
+            return response
+        assert error is not None
+        error.add_note(
+            f"retrysafe: gave up after {step.attempts} attempt(s) ({step.stopped}): "
+            f"{', '.join(step.outcomes)}; Idempotency-Key {step.key or '(none)'}"
+        )
+        raise error
+
+
+class Session(requests.Session):
+    """``requests.Session`` with a :class:`RetryAdapter` on ``http://`` and ``https://``, and
+    ``operation=`` on ``request``, ``post`` and ``patch`` for the key ``journal`` (a
+    :class:`KeyJournal` or the path of its file)."""
+
+    def __init__(
+        self,
+        *,
+        retry: RetryPolicy | None = None,
+        journal: KeyJournal | str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.retry = RetryPolicy() if retry is None else retry
+        self.journal = (
+            journal if journal is None or isinstance(journal, KeyJournal) else (KeyJournal(journal))
+        )
+        adapter = RetryAdapter(policy=self.retry)
+        self.mount("https://", adapter)
+        self.mount("http://", adapter)
+
+    def request(
+        self,
+        method: str | bytes,
+        url: str | bytes,
+        params: Any = None,
+        data: Any = None,
+        headers: Any = None,
+        *args: Any,
+        operation: str | None = None,
+        **options: Any,
+    ) -> requests.Response:
+        """``requests.Session.request``; ``operation`` names the call for the key journal."""
+        if operation is not None:
+            if self.journal is None:
+                raise ConfigError(
+                    f"operation={operation!r} needs a key journal: Session(journal=PATH)"
+                )
+            headers = CaseInsensitiveDict(headers or {})
+            if self.retry.header in headers:
+                raise ConfigError(
+                    f"pass either operation= or an {self.retry.header} header, not both"
+                )
+            headers[self.retry.header] = self.journal.key_for(operation)
+        return super().request(method, url, params, data, headers, *args, **options)
+
+    def post(
+        self,
+        url: str | bytes,
+        data: Any = None,
+        json: Any = None,
+        *,
+        operation: str | None = None,
+        **options: Any,
+    ) -> requests.Response:
+        """``requests.Session.post``; ``operation`` names the call for the key journal."""
+        return self.request("POST", url, data=data, json=json, operation=operation, **options)
+
+    def patch(
+        self,
+        url: str | bytes,
+        data: Any = None,
+        *,
+        operation: str | None = None,
+        **options: Any,
+    ) -> requests.Response:
+        """``requests.Session.patch``; ``operation`` names the call for the key journal."""
+        return self.request("PATCH", url, data=data, operation=operation, **options)
+
+
+RetrySession = Session
+"""The name ``retrysafe`` exports :class:`Session` under."""
