@@ -17,8 +17,10 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from . import admin
+from .check import cli as check_cli
 from .engine import DEFAULT_NAMESPACE, DEFAULT_STORE
 from .errors import ConfigError, StoreError
+from .gateway import cli as gateway_cli
 from .keys import MalformedKey, parse_key
 from .stores import SQLiteStore, Store, open_store, redact_url
 
@@ -459,6 +461,8 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], 
     _add_keys,
     _add_stats,
     _add_store,
+    check_cli.add_parser,
+    gateway_cli.add_parser,
 )
 
 

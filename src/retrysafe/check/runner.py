@@ -1,0 +1,202 @@
+"""Running a plan against a live endpoint: one httpx client per run, at most ``concurrency``
+requests in flight, a timeout on each, and no check sending more than the plan stated.
+
+Every request goes through a :class:`Probe`, which counts it against its check's budget, gives
+it a key with the run's recognisable prefix, and notes its answer as evidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import httpx
+
+from .exchange import Exchange
+from .plan import Outcome, Plan, PlannedCheck, Result, Target, TargetError, Verdict
+
+__all__ = ["KEY_PREFIX", "Context", "Probe", "ProbeFailed", "TargetError", "run_plan"]
+
+KEY_PREFIX = "retrysafe-check-"
+USER_AGENT = "retrysafe-check"
+
+
+class ProbeFailed(Exception):
+    """A request got no usable answer (timeout, connection cut): the check fails with this."""
+
+
+@dataclass
+class Context:
+    """What the checks of one run share."""
+
+    target: Target
+    run_id: str
+    first: Exchange | None = None
+    """The baseline's first execution, under :attr:`key_a`: what replays are compared with."""
+    distinct: bool = False
+    """Whether two executions of the request answer different bodies, so that a second
+    execution shows from outside. When False, the checks that need to see one skip."""
+    problems: list[tuple[str, Exchange]] = field(default_factory=list)
+    """Refusals seen with the expected status, for the ``problem-json`` check."""
+    results: dict[str, Result] = field(default_factory=dict)
+
+    @property
+    def key_a(self) -> str:
+        return f"{KEY_PREFIX}{self.run_id}-A"
+
+    def passed(self, check_id: str) -> bool:
+        result = self.results.get(check_id)
+        return result is not None and result.outcome is Outcome.PASS
+
+
+class _Session:
+    """The run's client, with the semaphore that bounds concurrency."""
+
+    def __init__(self, client: httpx.AsyncClient, target: Target) -> None:
+        self.client = client
+        self.target = target
+        self.slots = asyncio.Semaphore(target.concurrency)
+        self.sent = 0
+        parts = urlsplit(target.url)
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+
+
+class Probe:
+    """One check's way to the endpoint: at most ``budget`` requests, each noted as evidence."""
+
+    def __init__(self, session: _Session, context: Context, check_id: str, budget: int) -> None:
+        self._session = session
+        self.context = context
+        self.check_id = check_id
+        self.budget = budget
+        self.sent = 0
+        self.evidence: list[str] = []
+
+    def key(self, name: str) -> str:
+        """A key unique to this run and check, recognisable by its prefix in the API's logs."""
+        return f"{KEY_PREFIX}{self.context.run_id}-{self.check_id}-{name}"
+
+    def note(self, line: str) -> None:
+        self.evidence.append(line)
+
+    async def send(
+        self,
+        label: str,
+        *,
+        key: str | None = None,
+        key_headers: Sequence[tuple[str, bytes]] = (),
+        method: str | None = None,
+        target: str | None = None,
+        body: bytes | None = None,
+        auth: tuple[str, str] | None = None,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> Exchange:
+        """Send the checked request, changed as asked; return what came back.
+
+        ``key`` sends it under the configured key header; ``key_headers`` sends these raw
+        headers instead (malformed forms). ``target`` replaces the path and query, ``auth``
+        replaces the caller's header of that name, ``extra`` adds headers.
+        """
+        if self.sent >= self.budget:
+            raise RuntimeError(f"check {self.check_id} exceeded its planned {self.budget} requests")
+        self.sent += 1
+        session = self._session
+        spec = session.target
+        method = method or spec.method
+        path = target if target is not None else spec.path
+        pairs: list[tuple[str, bytes]] = []
+        replaced = auth[0].lower() if auth else None
+        for name, value in spec.headers:
+            if name.lower() != replaced:
+                pairs.append((name, value.encode("latin-1")))
+        if auth is not None:
+            pairs.append((auth[0], auth[1].encode("latin-1")))
+        pairs.extend((name, value.encode("latin-1")) for name, value in extra)
+        if key is not None:
+            pairs.append((spec.key_header, key.encode("ascii")))
+        pairs.extend(key_headers)
+        headers = [(name.encode("ascii"), value) for name, value in pairs]
+        content = (spec.body if body is None else body) if method not in {"GET", "HEAD"} else None
+        async with session.slots:
+            session.sent += 1
+            try:
+                response = await session.client.request(
+                    method, session.origin + path, content=content, headers=headers
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                raise TargetError(f"cannot connect to {session.origin}: {exc}") from None
+            except httpx.TimeoutException:
+                raise ProbeFailed(
+                    f"{label}: no answer within {spec.timeout:g} s (--timeout)"
+                ) from None
+            except httpx.TransportError as exc:
+                raise ProbeFailed(f"{label}: the connection failed: {exc!r}") from None
+        exchange = Exchange(
+            label=label,
+            method=method,
+            target=path,
+            status=response.status_code,
+            headers=tuple(
+                (name.decode("latin-1").lower(), value.decode("latin-1"))
+                for name, value in response.headers.raw
+            ),
+            body=response.content,
+        )
+        self.evidence.append(exchange.line())
+        return exchange
+
+    async def send_many(self, label: str, count: int, *, key: str) -> list[Exchange]:
+        """Send ``count`` copies at once (as at once as the concurrency bound allows)."""
+        return list(
+            await asyncio.gather(*(self.send(f"{label} {i + 1}", key=key) for i in range(count)))
+        )
+
+    def problem(self, exchange: Exchange) -> None:
+        """Note a refusal, so that the ``problem-json`` check judges its form."""
+        self.context.problems.append((self.check_id, exchange))
+
+
+async def run_plan(
+    plan: Plan,
+    *,
+    run_id: str | None = None,
+    on_result: Callable[[Result], None] | None = None,
+) -> list[Result]:
+    """Run every check of ``plan`` in order; raise :class:`TargetError` if the endpoint
+    cannot be checked at all."""
+    target = plan.target
+    context = Context(target, run_id or secrets.token_hex(4))
+    limits = httpx.Limits(
+        max_connections=target.concurrency, max_keepalive_connections=target.concurrency
+    )
+    results: list[Result] = []
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(target.timeout),
+        limits=limits,
+        headers={"user-agent": USER_AGENT},
+        follow_redirects=False,
+        trust_env=False,
+    ) as client:
+        session = _Session(client, target)
+        for planned in plan.checks:
+            result = await _run_one(planned, session, context)
+            context.results[planned.check.id] = result
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    return results
+
+
+async def _run_one(planned: PlannedCheck, session: _Session, context: Context) -> Result:
+    check = planned.check
+    if planned.skip is not None:
+        return Result.of(check, Verdict(Outcome.SKIP, planned.skip), [], 0)
+    probe = Probe(session, context, check.id, planned.requests)
+    try:
+        verdict = await check.run(context, probe)
+    except ProbeFailed as exc:
+        verdict = Verdict(Outcome.FAIL, str(exc))
+    return Result.of(check, verdict, probe.evidence, probe.sent)
