@@ -9,6 +9,7 @@ in WAL mode, and the mint-or-read is one ``BEGIN IMMEDIATE`` transaction.
 from __future__ import annotations
 
 import os
+import random
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -87,12 +88,35 @@ class KeyJournal:
             ) as db:
                 db.execute(f"PRAGMA synchronous={self.synchronous}")
                 if not self._ready:
-                    db.execute("PRAGMA journal_mode=WAL")
-                    db.executescript(_SCHEMA)
-                    self._ready = True
+                    self._prepare(db)
                 yield db
         except sqlite3.Error as exc:
             raise JournalError(f"key journal {self.path}: {exc}") from exc
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        """Enter WAL mode and create the table, once per instance.
+
+        Switching to WAL needs the file to itself, and SQLite answers "database is locked" at
+        once, without its busy handler, when other connections open it at the same moment (the
+        first uses of a new journal by several processes): that is retried here, up to
+        ``busy_timeout``.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        delay = 0.001
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(_SCHEMA)
+                break
+            except sqlite3.OperationalError as exc:
+                code = getattr(exc, "sqlite_errorcode", sqlite3.SQLITE_BUSY) & 0xFF
+                if code not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.05)
+        self._ready = True
 
     def key_for(self, operation: str) -> str:
         """The key of ``operation``: the recorded one while it lives, else a new one, recorded
