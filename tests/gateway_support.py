@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -82,13 +83,18 @@ def _start(
         )
 
 
-def _wait_healthy(process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+def _wait_healthy(
+    process: subprocess.Popen[bytes],
+    url: str,
+    log_path: Path,
+    context: ssl.SSLContext | bool = True,
+) -> None:
     def answers() -> bool:
         if process.poll() is not None:
             log = log_path.read_text(errors="replace")
             raise RuntimeError(f"{url} exited with {process.returncode}:\n{log}")
         try:
-            return httpx.get(url, timeout=2).status_code == 200
+            return httpx.get(url, timeout=2, verify=context).status_code == 200
         except httpx.TransportError:
             return False
 
@@ -108,8 +114,16 @@ def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
 
 
 @contextlib.contextmanager
-def run_upstream(directory: Path, *, workers: int = 1) -> Iterator[Upstream]:
-    """The test upstream under ``uvicorn --workers N``, its executions logged in ``directory``."""
+def run_upstream(
+    directory: Path,
+    *,
+    workers: int = 1,
+    tls: tuple[Path, Path, Path] | None = None,
+    client_certs: bool = False,
+) -> Iterator[Upstream]:
+    """The test upstream under ``uvicorn --workers N``, its executions logged in ``directory``;
+    with ``tls`` (certificate, key, the authority's certificate) it serves https, and with
+    ``client_certs`` it also demands a client certificate from that authority."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = _env()
@@ -122,10 +136,17 @@ def run_upstream(directory: Path, *, workers: int = 1) -> Iterator[Upstream]:
         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
         "--log-level", "warning", "--no-access-log", "--timeout-graceful-shutdown", "1",
     ]  # fmt: skip
+    context: ssl.SSLContext | bool = True
+    if tls is not None:
+        command += ["--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1])]
+        context = ssl.create_default_context(cafile=str(tls[2]))
+        if client_certs:  # the server's certificate (issued for both uses) is the client's too
+            command += ["--ssl-ca-certs", str(tls[2]), "--ssl-cert-reqs", str(ssl.CERT_REQUIRED)]
+            context.load_cert_chain(tls[0], tls[1])
     process = _start(command, env, log_path, directory)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
-        _wait_healthy(process, url + "/health", log_path)
+        _wait_healthy(process, url + "/health", log_path, context)
         yield Upstream(process, url, log_path, exec_log, directory)
     finally:
         stop(process)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -83,20 +84,53 @@ class UpstreamSettings:
     idle_timeout: float = 1.0
     max_idle: int = 256
     preserve_host: bool = False
+    ca_file: str | None = None
+    """PEM file of the authorities trusted for an https:// upstream (default: the system's)."""
+    verify: bool = True
+    """Whether an https:// upstream's certificate and name are checked (off only for tests)."""
+    cert_file: str | None = None
+    """PEM client certificate for mutual TLS (with ``key_file``, or a key in the same file)."""
+    key_file: str | None = None
     host: str = field(init=False)
     port: int = field(init=False)
+    tls: bool = field(init=False)
     base_path: bytes = field(init=False)
     host_header: bytes = field(init=False)
 
     def __post_init__(self) -> None:
         try:
-            host, port, base, host_header = parse_upstream_url(self.url)
+            tls, host, port, base, host_header = parse_upstream_url(self.url)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if not tls and (self.ca_file or self.cert_file or self.key_file or not self.verify):
+            raise ConfigError(
+                f"TLS options (ca_file, cert_file, key_file, verify) need an https:// upstream,"
+                f" not {self.url!r}"
+            )
+        if self.key_file and not self.cert_file:
+            raise ConfigError("key_file needs cert_file (the client certificate)")
+        object.__setattr__(self, "tls", tls)
         object.__setattr__(self, "host", host)
         object.__setattr__(self, "port", port)
         object.__setattr__(self, "base_path", base)
         object.__setattr__(self, "host_header", host_header)
+        self.ssl_context()  # unreadable certificate files are refused at start
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS settings for an https:// upstream (``None`` for http://)."""
+        if not self.tls:
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+            if self.cert_file:
+                context.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the upstream's TLS files: {exc}") from None
+        if not self.verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        context.set_alpn_protocols(["http/1.1"])
+        return context
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,24 +166,27 @@ class GatewaySettings:
         return [r.route for r in self.routes if r.route is not None]
 
 
-def parse_upstream_url(url: str) -> tuple[str, int, bytes, bytes]:
-    """``http://host:port/base`` -> (host, port, base path without a trailing '/', Host value)."""
+def parse_upstream_url(url: str) -> tuple[bool, str, int, bytes, bytes]:
+    """``http(s)://host:port/base`` -> (TLS?, host, port, base path without a trailing '/',
+    Host value)."""
     parts = urlsplit(url)
-    if parts.scheme != "http":
-        raise ValueError(f"the upstream must be an http:// URL (TLS is not supported): {url!r}")
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"the upstream must be an http:// or https:// URL: {url!r}")
     if not parts.hostname:
         raise ValueError(f"the upstream URL has no host: {url!r}")
     if parts.query or parts.fragment or parts.username:
         raise ValueError(f"the upstream URL may hold only host, port and path: {url!r}")
     try:
-        port = parts.port or 80
+        tls = parts.scheme == "https"
+        default_port = 443 if tls else 80
+        port = parts.port or default_port
     except ValueError as exc:
         raise ValueError(f"bad port in the upstream URL {url!r}: {exc}") from None
     host = parts.hostname
     netloc = f"[{host}]" if ":" in host else host
-    if parts.port:
+    if port != default_port:
         netloc += f":{port}"
-    return host, port, parts.path.rstrip("/").encode(), netloc.encode("idna")
+    return tls, host, port, parts.path.rstrip("/").encode(), netloc.encode("idna")
 
 
 # -- reading the file -------------------------------------------------------------------------
@@ -281,6 +318,10 @@ _SECTIONS: dict[str, dict[str, _Checker]] = {
         "read_timeout": _number(positive=True),
         "idle_timeout": _number(),
         "preserve_host": _boolean,
+        "ca_file": _string,
+        "verify": _boolean,
+        "cert_file": _string,
+        "key_file": _string,
     },
     "idempotency": {
         **_POLICY_KEYS,

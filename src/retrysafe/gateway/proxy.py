@@ -105,6 +105,7 @@ class Proxy:
             read_timeout=up.read_timeout,
             idle_timeout=up.idle_timeout,
             max_idle=up.max_idle,
+            ssl_context=up.ssl_context(),
         )
         self.routes = routes or RouteTable(settings)
         self.observer = observer

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ssl
 from typing import cast
 
 import httptools
@@ -261,9 +262,11 @@ class UpstreamPool:
         read_timeout: float = 60.0,
         idle_timeout: float = 1.0,
         max_idle: int = 256,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
@@ -302,12 +305,18 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: Connection(self), self.host, self.port
+                    lambda: Connection(self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl_context,
+                    ssl_handshake_timeout=self.connect_timeout if self.ssl_context else None,
                 )
         except TimeoutError:
             raise ConnectFailed(
                 f"connecting to {self.host}:{self.port} took over {self.connect_timeout:g} s"
             ) from None
+        except ssl.SSLError as exc:  # before OSError, of which it is a kind
+            raise ConnectFailed(f"TLS with {self.host}:{self.port} failed: {exc}") from exc
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
         self._open.add(protocol)
