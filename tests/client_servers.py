@@ -8,6 +8,9 @@ half-way through the body; ``stall`` forwards it and then answers nothing (the c
 timeout fires); ``reset`` drops the connection before forwarding; an :class:`Answer` is sent
 without forwarding (503 with ``Retry-After``, 422, a 409 problem, ...). It notes every request
 it got, so tests can assert the keys the server side saw across attempts.
+
+``serve_tls()`` runs a :class:`CountingApp` over HTTPS with a certificate from a throwaway test
+authority; ``SlowTransport`` makes every attempt last a given time on a :class:`FakeClock`.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import socket
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
+import trustme
 from servers import Receive, Recorder, Scope, Send, serve_in_thread
 
 from retrysafe import IdempotencyMiddleware
@@ -291,3 +296,47 @@ def faulty_proxy(upstream: str, script: list[Fault] | None = None) -> Iterator[F
         yield proxy
     finally:
         proxy.close()
+
+
+@dataclass
+class TlsStack:
+    """A :class:`CountingApp` served over HTTPS; ``ca`` is the PEM file of its authority."""
+
+    app: CountingApp
+    url: str
+    ca: Path
+
+
+@contextlib.contextmanager
+def serve_tls(directory: Path) -> Iterator[TlsStack]:
+    """Serve a :class:`CountingApp` over TLS on loopback, with a certificate for 127.0.0.1
+    issued by a throwaway authority that no client trusts unless given ``ca``."""
+    authority = trustme.CA()
+    issued = authority.issue_cert("127.0.0.1", "localhost")
+    cert, key, ca = directory / "cert.pem", directory / "key.pem", directory / "ca.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    authority.cert_pem.write_to_path(str(ca))
+    app = CountingApp()
+    with serve_in_thread(app, ssl_certfile=str(cert), ssl_keyfile=str(key)) as url:
+        yield TlsStack(app, url.replace("http://", "https://", 1), ca)
+
+
+class SlowTransport(httpx.BaseTransport):
+    """An HTTP transport whose every request takes ``seconds`` on ``clock`` (the fake clock is
+    moved on while the request is out), noting the timeouts each attempt was given."""
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.clock = clock
+        self.seconds = seconds
+        self.timeouts: list[dict[str, float | None]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.timeouts.append(dict(request.extensions["timeout"]))
+        response = self.inner.handle_request(request)
+        self.clock.now += self.seconds
+        return response
+
+    def close(self) -> None:
+        self.inner.close()

@@ -8,9 +8,12 @@ times the handler ran. No test sleeps for backoff: the policy's clock is a fake 
 from __future__ import annotations
 
 import email.utils
+import ssl
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,10 +21,13 @@ from client_servers import (
     IN_PROGRESS_BODY,
     Answer,
     FakeClock,
+    Fault,
+    SlowTransport,
     Stack,
     faulty_proxy,
     refused_url,
     serve_protected,
+    serve_tls,
 )
 from servers import poll_until
 
@@ -37,6 +43,8 @@ from retrysafe import (
 from retrysafe.client.policy import Answered, Attempt, Call, Failed, Reach, Wait, advance
 
 CHARGE = {"amount": 4200, "currency": "eur"}
+PROBLEM = (("content-type", "application/problem+json"),)
+IN_PROGRESS = Answer(409, PROBLEM, IN_PROGRESS_BODY)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +75,15 @@ def info_of(response: httpx.Response) -> RetryInfo:
     assert info is not None
     assert response.extensions["retrysafe"] == info  # where httpx users find it too
     return info
+
+
+def causes(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from, outermost first."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
 
 
 # --- lost responses, timeouts ------------------------------------------------------------------
@@ -134,6 +151,84 @@ def test_each_call_gets_its_own_key_and_a_callers_key_is_kept(
     assert proxy.keys() == [k1, k1, k2, "m-1"]
     assert stack.app.keys() == [k1, k2, "m-1"]
     assert [info_of(r).attempts for r in (first, second, mine)] == [2, 1, 1]
+
+
+def test_a_followed_redirect_gets_its_own_key_and_a_callers_key_is_kept(
+    stack: Stack, clock: FakeClock
+) -> None:
+    """A redirect httpx follows is a request to another URL, another operation for the server:
+    the 307's POST gets a fresh key (a minted key is never carried over), a 303's GET gets none,
+    and a key the caller set is sent on as httpx sends every header."""
+    mine = f"mine-{uuid.uuid4()}"
+    moved, see_other = (
+        Answer(307, (("location", "/charge"),)),
+        Answer(303, (("location", "/item"),)),
+    )
+    with (
+        faulty_proxy(stack.url, [moved, "pass", see_other, "pass", moved]) as proxy,
+        Client(retry=policy(clock), follow_redirects=True, timeout=5) as client,
+    ):
+        followed = client.post(proxy.url + "/old", json=CHARGE)
+        to_get = client.post(proxy.url + "/old", json=CHARGE)
+        kept = client.post(proxy.url + "/old", json=CHARGE, headers={"Idempotency-Key": mine})
+    first = info_of(followed.history[0]).key
+    second = info_of(followed).key
+    third = info_of(to_get.history[0]).key
+    assert None not in (first, second, third)
+    assert len({first, second, third}) == 3
+    assert (followed.status_code, to_get.status_code, kept.status_code) == (201, 200, 201)
+    assert info_of(to_get).key is None
+    assert [(seen.method, seen.path, seen.key) for seen in proxy.seen] == [
+        ("POST", "/old", first),
+        ("POST", "/charge", second),
+        ("POST", "/old", third),
+        ("GET", "/item", None),
+        ("POST", "/old", mine),
+        ("POST", "/charge", mine),
+    ]
+    assert stack.app.keys() == [second, None, mine]
+
+
+def test_sending_one_request_object_twice_is_two_calls_with_two_keys(
+    stack: Stack, clock: FakeClock
+) -> None:
+    """A built ``httpx.Request`` sent twice mints a key per call: the second call is executed,
+    not replayed under the first call's key; a key the caller set on the request is kept."""
+    mine = f"mine-{uuid.uuid4()}"
+    with Client(retry=policy(clock)) as client:
+        request = client.build_request("POST", stack.url + "/charge", json=CHARGE)
+        first, second = client.send(request), client.send(request)
+        keyed = client.build_request(
+            "POST", stack.url + "/charge", json=CHARGE, headers={"Idempotency-Key": mine}
+        )
+        third, fourth = client.send(keyed), client.send(keyed)
+    k1, k2 = info_of(first).key, info_of(second).key
+    assert k1 is not None
+    assert k2 is not None
+    assert k1 != k2
+    assert request.headers["idempotency-key"] == k2  # the request shows its last call's key
+    assert [info_of(r).replayed for r in (first, second, third, fourth)] == [0, 0, 0, 1]
+    assert (info_of(third).key, info_of(fourth).key) == (mine, mine)
+    assert stack.app.keys() == [k1, k2, mine]
+
+
+@pytest.mark.anyio
+async def test_async_client_mints_a_key_per_call_on_redirects_and_resends(
+    stack: Stack, clock: FakeClock
+) -> None:
+    """``AsyncClient`` as ``Client``: a followed 307 and a resent request object each get a
+    key of their own."""
+    moved = Answer(307, (("location", "/charge"),))
+    with faulty_proxy(stack.url, [moved]) as proxy:
+        async with AsyncClient(retry=policy(clock), follow_redirects=True, timeout=5) as client:
+            followed = await client.post(proxy.url + "/old", json=CHARGE)
+            request = client.build_request("POST", proxy.url + "/charge", json=CHARGE)
+            first, second = await client.send(request), await client.send(request)
+    keys = [info_of(r).key for r in (followed.history[0], followed, first, second)]
+    assert None not in keys
+    assert len(set(keys)) == 4
+    assert proxy.keys() == keys
+    assert stack.app.keys() == keys[1:]
 
 
 # --- the retry table -------------------------------------------------------------------------
@@ -239,6 +334,35 @@ def test_in_progress_problem_is_recognised_under_any_type_base(
     assert len(stack.app.executions) == 1
 
 
+def test_a_409_too_deep_or_too_long_to_be_the_in_progress_problem_is_final(
+    stack: Stack, clock: FakeClock
+) -> None:
+    """A 409 JSON body nested deeper than the parser's recursion limit, or longer than 64 KiB
+    (here the in-progress problem padded with blanks), is no in-progress problem: a final 409,
+    returned whole, streamed or not, instead of a RecursionError or a retry."""
+    deep = b"[" * 20000 + b"]" * 20000
+    padded = IN_PROGRESS_BODY + b" " * (64 * 1024)
+    script = [
+        Answer(409, PROBLEM, deep),
+        Answer(409, PROBLEM, padded),
+        Answer(409, PROBLEM, padded),
+    ]
+    with (
+        faulty_proxy(stack.url, list(script)) as proxy,
+        Client(retry=policy(clock)) as client,
+    ):
+        nested = client.post(proxy.url + "/charge", json=CHARGE)
+        long = client.post(proxy.url + "/charge", json=CHARGE)
+        with client.stream("POST", proxy.url + "/charge", json=CHARGE) as streamed:
+            streamed_body = streamed.read()
+    for response, body in ((nested, deep), (long, padded), (streamed, padded)):
+        info = info_of(response)
+        assert (response.status_code, info.attempts, info.stopped) == (409, 1, "final")
+        assert response.content == body
+    assert streamed_body == padded
+    assert stack.app.executions == []
+
+
 # --- Retry-After -----------------------------------------------------------------------------
 
 
@@ -262,6 +386,39 @@ def test_retry_after_is_honoured_up_to_its_cap(stack: Stack, clock: FakeClock, c
     assert clock.sleeps == [expected]
     assert info_of(response).delays == (expected,)
     assert len(stack.app.executions) == 1
+
+
+@pytest.mark.parametrize("value", ["1e9", "+5", "-5", "1.5", "1_0", "0x10", "3 4", "inf", "Soon"])
+def test_retry_after_that_is_not_digits_or_a_date_is_ignored(
+    stack: Stack, clock: FakeClock, value: str
+) -> None:
+    """``Retry-After`` is delta-seconds (ASCII digits only) or an HTTP date: a number with a
+    sign, a fraction, an exponent, an inner blank or another base is ignored, and the wait
+    is the backoff's (a quarter second here), not 20 s for ``1e9``."""
+    answer = Answer(503, (("retry-after", value),))
+    with (
+        faulty_proxy(stack.url, [answer]) as proxy,
+        Client(retry=policy(clock, max_retry_after=20)) as client,
+    ):
+        response = client.post(proxy.url + "/charge", json=CHARGE)
+    assert (response.status_code, info_of(response).attempts) == (201, 2)
+    assert clock.sleeps == [0.25]
+
+
+def test_retry_after_forms_and_cap() -> None:
+    """The policy reads the three HTTP-date forms and digits of any length (capped), and
+    rejects the rest (None: the backoff decides)."""
+    clock = FakeClock()
+    policy_ = RetryPolicy(clock=clock, max_retry_after=30)
+    later = time.gmtime(clock.time() + 5)
+    for form in ("%a, %d %b %Y %H:%M:%S GMT", "%A, %d-%b-%y %H:%M:%S GMT", "%a %b %d %H:%M:%S %Y"):
+        assert policy_.retry_after(time.strftime(form, later)) == 5.0, form
+    assert policy_.retry_after(" 7 ") == 7.0
+    assert policy_.retry_after("0") == 0.0
+    assert policy_.retry_after("9" * 5000) == 30.0
+    assert policy_.retry_after("Sun, 06 Nov 1994 08:49:37 GMT") == 0.0  # past: no wait
+    for bad in ("-5", "+5", "1e9", "1.5", "3 4", "", "nan", "Sun, 06 Nov 1994", "06 Nov 1994"):
+        assert policy_.retry_after(bad) is None, bad
 
 
 # --- bounds: attempts and deadline ------------------------------------------------------------
@@ -308,6 +465,61 @@ def test_deadline_cuts_an_attempts_timeout(stack: Stack) -> None:
         client.post(proxy.url + "/charge", json=CHARGE)
     assert "gave up after 1 attempt(s)" in "".join(caught.value.__notes__)
     assert len(proxy.seen) == 1
+
+
+def test_deadline_counts_the_time_spent_in_attempts(stack: Stack, clock: FakeClock) -> None:
+    """The deadline runs on the clock from the first attempt, time inside attempts included,
+    not on the waits alone: attempts of 4 s each against a server answering 503 stop at the
+    10 s deadline after the third, whose timeouts are cut to the 1.25 s then left."""
+    transport = SlowTransport(clock, 4.0)
+    with (
+        faulty_proxy(stack.url, [Answer(503)] * 10) as proxy,
+        Client(
+            retry=policy(clock, attempts=10, deadline=10), transport=transport, timeout=5
+        ) as client,
+    ):
+        response = client.post(proxy.url + "/charge", json=CHARGE)
+    info = info_of(response)
+    assert (response.status_code, info.attempts, info.stopped) == (503, 3, "deadline")
+    assert info.delays == (0.25, 0.5)
+    assert [timeouts["read"] for timeouts in transport.timeouts] == [5.0, 5.0, 1.25]
+    assert len(proxy.seen) == 3
+
+
+def test_a_call_starts_from_its_own_timeouts_not_those_cut_for_the_last_call(
+    stack: Stack, clock: FakeClock
+) -> None:
+    """Timeouts cut to the deadline belong to one call: the same request object sent again
+    starts from the client's 5 s, not from the 1.25 s its previous call's last attempt got."""
+    transport = SlowTransport(clock, 4.0)
+    with (
+        faulty_proxy(stack.url, [Answer(503)] * 3) as proxy,
+        Client(
+            retry=policy(clock, attempts=10, deadline=10), transport=transport, timeout=5
+        ) as client,
+    ):
+        request = client.build_request("POST", proxy.url + "/charge", json=CHARGE)
+        first, second = client.send(request), client.send(request)
+    assert (first.status_code, info_of(first).stopped, second.status_code) == (503, "deadline", 201)
+    assert [timeouts["read"] for timeouts in transport.timeouts] == [5.0, 5.0, 1.25, 5.0]
+
+
+def test_no_retry_is_started_with_almost_no_time_left(stack: Stack, clock: FakeClock) -> None:
+    """A wait that would leave less than ``min_budget`` (0.5 s by default) before the deadline
+    is not waited: the call stops with ``deadline`` at once instead of sleeping 9 s to send an
+    attempt with 0.25 s left; with a smaller ``min_budget`` that attempt is made."""
+    answer = Answer(503, (("retry-after", "9"),))
+    with faulty_proxy(stack.url, [answer, answer]) as proxy:
+        with Client(retry=policy(clock, deadline=9.25)) as client:
+            stopped = client.post(proxy.url + "/charge", json=CHARGE)
+        assert clock.sleeps == []
+        with Client(retry=policy(clock, deadline=9.25, min_budget=0.2)) as client:
+            retried = client.post(proxy.url + "/charge", json=CHARGE)
+    info = info_of(stopped)
+    assert (stopped.status_code, info.attempts, info.stopped) == (503, 1, "deadline")
+    assert (retried.status_code, info_of(retried).attempts) == (201, 2)
+    assert clock.sleeps == [9.0]
+    assert len(proxy.seen) == 3
 
 
 # --- what is safe to retry --------------------------------------------------------------------
@@ -357,6 +569,40 @@ def test_connect_errors_are_retried_even_without_a_key(clock: FakeClock) -> None
         client.post(url + "/charge", json=CHARGE)
     assert clock.sleeps == [0.25, 0.5]
     assert "gave up after 3 attempt(s) (attempts)" in "".join(caught.value.__notes__)
+
+
+def test_a_certificate_that_does_not_verify_is_not_retried(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A server certificate the client does not trust fails the same way every time: the
+    ConnectError it causes is raised after one attempt, without waiting; trusting the
+    authority, the same call goes through."""
+    with serve_tls(tmp_path) as tls:
+        with Client(retry=policy(clock)) as client, pytest.raises(httpx.ConnectError) as caught:
+            client.post(tls.url + "/charge", json=CHARGE)
+        trusted = ssl.create_default_context(cafile=str(tls.ca))
+        with Client(retry=policy(clock), verify=trusted) as client:
+            response = client.post(tls.url + "/charge", json=CHARGE)
+    assert any(isinstance(cause, ssl.SSLCertVerificationError) for cause in causes(caught.value))
+    assert "gave up after 1 attempt(s) (final)" in "".join(caught.value.__notes__)
+    assert clock.sleeps == []
+    assert (response.status_code, info_of(response).attempts) == (201, 1)
+    assert len(tls.app.executions) == 1
+
+
+@pytest.mark.anyio
+async def test_async_client_does_not_retry_a_certificate_that_does_not_verify(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """``AsyncClient`` (anyio's TLS) classifies the failed verification as fatal too."""
+    with serve_tls(tmp_path) as tls:
+        async with AsyncClient(retry=policy(clock)) as client:
+            with pytest.raises(httpx.ConnectError) as caught:
+                await client.post(tls.url + "/charge", json=CHARGE)
+    assert any(isinstance(cause, ssl.SSLError) for cause in causes(caught.value))
+    assert "gave up after 1 attempt(s) (final)" in "".join(caught.value.__notes__)
+    assert clock.sleeps == []
+    assert tls.app.executions == []
 
 
 def test_one_shot_body_is_not_sent_twice(stack: Stack, clock: FakeClock) -> None:
@@ -423,6 +669,67 @@ async def test_async_retry_transport_in_a_plain_async_client(
     k1, k2 = info_of(first).key, info_of(second).key
     assert proxy.keys() == [k1, k1, k2]
     assert stack.app.keys() == [k1, k2]
+
+
+def test_an_inner_transport_returning_read_responses_works(stack: Stack, clock: FakeClock) -> None:
+    """A transport that hands back responses already read (``httpx.MockTransport``, here
+    relaying to the real server) works under ``Client``: a 503 and a 409 in-progress are
+    retried with one key and the final body is intact, not ``StreamConsumed``."""
+    with (
+        faulty_proxy(stack.url, [Answer(503), IN_PROGRESS]) as proxy,
+        httpx.Client(timeout=5) as relay,
+        Client(retry=policy(clock), transport=httpx.MockTransport(relay.send)) as client,
+    ):
+        response = client.post(proxy.url + "/charge", json=CHARGE)
+    info = info_of(response)
+    assert (response.status_code, info.outcomes) == (201, ("503", "409", "201"))
+    assert response.json() == {"charge": 1}
+    assert proxy.keys() == [info.key] * 3
+
+
+def test_elapsed_is_set_as_in_plain_httpx(stack: Stack, clock: FakeClock) -> None:
+    """``response.elapsed`` works on what ``Client`` returns, as on plain httpx responses:
+    read in the loop, retried, checked for the in-progress problem, or streamed."""
+    with (
+        faulty_proxy(stack.url, [Answer(503), IN_PROGRESS, "pass", IN_PROGRESS]) as proxy,
+        Client(retry=policy(clock)) as client,
+    ):
+        retried = client.post(proxy.url + "/charge", json=CHARGE)
+        plain = client.get(stack.url + "/item")
+        with client.stream("POST", proxy.url + "/charge", json=CHARGE) as streamed:
+            streamed.read()
+    assert info_of(retried).outcomes == ("503", "409", "201")
+    assert info_of(streamed).outcomes == ("409", "201")
+    for response in (retried, plain, streamed):
+        assert response.elapsed.total_seconds() > 0
+
+
+@pytest.mark.anyio
+async def test_async_client_reads_responses_as_httpx_does(stack: Stack, clock: FakeClock) -> None:
+    """``AsyncClient``: ``elapsed`` is set, an inner transport's already read responses are
+    handed on, and a streamed 409 over 64 KiB streams whole (the bytes read to check it,
+    then the rest)."""
+    padded = IN_PROGRESS_BODY + b" " * (100 * 1024)
+    script: list[Fault] = [Answer(503), IN_PROGRESS, "pass", Answer(409, PROBLEM, padded)]
+    with faulty_proxy(stack.url, script) as proxy:
+        async with AsyncClient(retry=policy(clock)) as client:
+            retried = await client.post(proxy.url + "/charge", json=CHARGE)
+            async with client.stream("POST", proxy.url + "/charge", json=CHARGE) as streamed:
+                chunks = [chunk async for chunk in streamed.aiter_bytes()]
+        async with httpx.AsyncClient(timeout=5) as relay:
+
+            async def send(request: httpx.Request) -> httpx.Response:
+                return await relay.send(request)
+
+            transport = httpx.MockTransport(send)
+            async with AsyncClient(retry=policy(clock), transport=transport) as client:
+                relayed = await client.post(proxy.url + "/charge", json=CHARGE)
+    assert info_of(retried).outcomes == ("503", "409", "201")
+    assert retried.elapsed.total_seconds() > 0
+    assert (streamed.status_code, info_of(streamed).attempts) == (409, 1)
+    assert b"".join(chunks) == padded
+    assert streamed.elapsed.total_seconds() > 0
+    assert (relayed.status_code, relayed.json()) == (201, {"charge": 2})
 
 
 # --- the policy alone (sans I/O) ---------------------------------------------------------------

@@ -102,6 +102,21 @@ def test_bad_journal_settings_and_names_are_refused(journal_path: Path) -> None:
         KeyJournal(journal_path).key_for("")
 
 
+def test_the_journal_creates_its_missing_directory(tmp_path: Path, stack: Stack) -> None:
+    """A journal path in a directory that does not exist yet works: the directories are made
+    (the last one private to the user), directly and through ``Client(journal=PATH)``."""
+    direct = tmp_path / "state" / "shop" / "keys.db"
+    key = KeyJournal(direct).key_for(OPERATION)
+    assert KeyJournal(direct).get(OPERATION) == key
+    assert direct.parent.stat().st_mode & 0o777 == 0o700
+    through_client = tmp_path / "other" / "keys.db"
+    with Client(retry=fast_policy(), journal=through_client) as client:
+        response = client.post(stack.url + "/charge", json={"amount": 1}, operation=OPERATION)
+    info = retry_info(response)
+    assert info is not None
+    assert info.key == KeyJournal(through_client).get(OPERATION)
+
+
 # --- through the clients ----------------------------------------------------------------------
 
 

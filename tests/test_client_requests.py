@@ -3,11 +3,14 @@ adapter, against the retrysafe middleware and the faulty proxy in front of it.""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
 from client_servers import (
+    IN_PROGRESS_BODY,
     Answer,
     FakeClock,
     Fault,
@@ -15,11 +18,13 @@ from client_servers import (
     faulty_proxy,
     refused_url,
     serve_protected,
+    serve_tls,
 )
 
 from retrysafe import RetryAdapter, RetryInfo, RetryPolicy, RetrySession, retry_info
 
 CHARGE = {"amount": 4200, "currency": "eur"}
+PROBLEM = (("content-type", "application/problem+json"),)
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +131,90 @@ def test_adapter_on_a_plain_session_and_streamed_responses(stack: Stack, clock: 
     assert (response.status_code, info.attempts) == (201, 2)
     assert b"".join(chunks) == b'{"charge": 1}'
     assert proxy.keys() == [info.key, info.key]
+
+
+def test_a_followed_redirect_gets_its_own_key(stack: Stack, clock: FakeClock) -> None:
+    """A 307 requests follows is another operation: the redirected POST gets a fresh key, on
+    a ``RetrySession`` and on a plain session with the adapter alike (the minted key is set
+    on the adapter's copy of the request, which the session never copies); a key the caller
+    set is sent on, as requests sends every header."""
+    moved = Answer(307, (("location", "/charge"),))
+    mine = f"mine-{uuid.uuid4()}"
+    plain = requests.Session()
+    plain.mount("http://", RetryAdapter(policy=policy(clock)))
+    with (
+        faulty_proxy(stack.url, [moved, "pass", moved, "pass", moved]) as proxy,
+        RetrySession(retry=policy(clock)) as session,
+        plain,
+    ):
+        first = session.post(proxy.url + "/old", json=CHARGE, timeout=5)
+        second = plain.post(proxy.url + "/old", json=CHARGE, timeout=5)
+        kept = session.post(proxy.url + "/old", json=CHARGE, headers={"Idempotency-Key": mine})
+    keys = [info_of(r).key for r in (first.history[0], first, second.history[0], second)]
+    assert None not in keys
+    assert len(set(keys)) == 4
+    assert [seen.path for seen in proxy.seen] == ["/old", "/charge"] * 3
+    assert proxy.keys() == [*keys, mine, mine]
+    assert first.request.headers["Idempotency-Key"] == keys[1]
+    assert (first.status_code, second.status_code, kept.status_code) == (201, 201, 201)
+    assert stack.app.keys() == [keys[1], keys[3], mine]
+
+
+def test_sending_one_prepared_request_twice_is_two_calls_with_two_keys(
+    stack: Stack, clock: FakeClock
+) -> None:
+    """A ``PreparedRequest`` sent twice mints a key per call: the second call is executed,
+    not replayed under the first call's key."""
+    with RetrySession(retry=policy(clock)) as session:
+        prepared = session.prepare_request(
+            requests.Request("POST", stack.url + "/charge", json=CHARGE)
+        )
+        first, second = session.send(prepared), session.send(prepared)
+    k1, k2 = info_of(first).key, info_of(second).key
+    assert k1 is not None
+    assert k2 is not None
+    assert k1 != k2
+    assert "Idempotency-Key" not in prepared.headers  # the caller's request is left as it was
+    assert (info_of(first).replayed, info_of(second).replayed) == (False, False)
+    assert stack.app.keys() == [k1, k2]
+
+
+def test_a_certificate_that_does_not_verify_is_not_retried(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A server certificate the session does not trust: ``SSLError`` after one attempt, no
+    waiting; trusting the authority, the same call goes through."""
+    with serve_tls(tmp_path) as tls, RetrySession(retry=policy(clock)) as session:
+        with pytest.raises(requests.exceptions.SSLError) as caught:
+            session.post(tls.url + "/charge", json=CHARGE)
+        response = session.post(tls.url + "/charge", json=CHARGE, verify=str(tls.ca))
+    assert "gave up after 1 attempt(s) (final)" in "".join(caught.value.__notes__)
+    assert clock.sleeps == []
+    assert (response.status_code, info_of(response).attempts) == (201, 1)
+    assert len(tls.app.executions) == 1
+
+
+def test_a_409_too_deep_or_too_long_to_be_the_in_progress_problem_is_final(
+    stack: Stack, clock: FakeClock
+) -> None:
+    """A 409 JSON body nested deeper than the parser's recursion limit, or longer than 64 KiB
+    (the in-progress problem padded with blanks), is a final 409 returned whole, streamed or
+    not; a streamed in-progress problem is still recognised and retried."""
+    deep = b"[" * 20000 + b"]" * 20000
+    padded = IN_PROGRESS_BODY + b" " * (100 * 1024)
+    script: list[Fault] = [Answer(409, PROBLEM, deep), Answer(409, PROBLEM, padded)]
+    script += [Answer(409, PROBLEM, padded), Answer(409, PROBLEM, IN_PROGRESS_BODY)]
+    with faulty_proxy(stack.url, script) as proxy, RetrySession(retry=policy(clock)) as session:
+        nested = session.post(proxy.url + "/charge", json=CHARGE)
+        long = session.post(proxy.url + "/charge", json=CHARGE)
+        streamed = session.post(proxy.url + "/charge", json=CHARGE, stream=True)
+        streamed_body = b"".join(streamed.iter_content(1000))
+        waited = session.post(proxy.url + "/charge", json=CHARGE, stream=True)
+        waited_body = waited.content
+    for response in (nested, long, streamed):
+        info = info_of(response)
+        assert (response.status_code, info.attempts, info.stopped) == (409, 1, "final")
+    assert (nested.content, long.content, streamed_body) == (deep, padded, padded)
+    assert info_of(waited).outcomes == ("409", "201")
+    assert waited_body == b'{"charge": 1}'
+    assert len(stack.app.executions) == 1

@@ -9,14 +9,17 @@ Exceptions are classified for the policy like this::
     ├── ReadError, WriteError, CloseError,
     │   ReadTimeout, WriteTimeout, RemoteProtocolError maybe sent: retried if keyed or idempotent
     └── LocalProtocolError, UnsupportedProtocol,
-        ProxyError                                     fatal: never retried
+        ProxyError, and a ConnectError caused by an
+        ssl.SSLError (a certificate that does not
+        verify, a failed handshake)                    fatal: never retried
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 import typing
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any, TypedDict, Unpack
 
 import httpx
@@ -24,6 +27,7 @@ import httpx
 from ..errors import ConfigError
 from .journal import KeyJournal
 from .policy import (
+    PROBLEM_BODY_LIMIT,
     Answered,
     Attempt,
     Call,
@@ -50,11 +54,27 @@ if typing.TYPE_CHECKING:
         TimeoutTypes,
     )
 
-__all__ = ["READ_BODY", "AsyncClient", "AsyncRetryTransport", "Client", "RetryTransport"]
+__all__ = [
+    "MINTED_KEY",
+    "READ_BODY",
+    "AsyncClient",
+    "AsyncRetryTransport",
+    "Client",
+    "RetryTransport",
+]
 
 READ_BODY = "retrysafe.read_body"
 """Request extension: read the response body inside the retry loop, so that a connection lost
 mid-body is retried too. :class:`Client` sets it for every call that is not ``stream()``ed."""
+
+MINTED_KEY = "retrysafe.minted_key"
+"""Request extension: the key the transport minted for this request's call. A request that
+arrives again carrying that key in its header (the same ``httpx.Request`` sent once more, or
+the request httpx builds to follow a redirect, which copies headers and extensions) is a new
+call: the stale key is dropped and a new one minted. A key the caller set is never touched."""
+
+_CUT_TIMEOUTS = "retrysafe.cut_timeouts"
+"""Request extension: (the call's timeouts, the ones its last attempt got, cut to the deadline)."""
 
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _MAYBE_SENT = (
@@ -68,7 +88,9 @@ _MAYBE_SENT = (
 
 
 def _failed(exc: httpx.TransportError) -> Failed:
-    if isinstance(exc, _NOT_SENT):
+    if isinstance(exc, httpx.ConnectError) and _tls_failure(exc):
+        reach = Reach.FATAL  # the same certificate fails the same way on every attempt
+    elif isinstance(exc, _NOT_SENT):
         reach = Reach.NOT_SENT
     elif isinstance(exc, _MAYBE_SENT):
         reach = Reach.MAYBE_SENT
@@ -77,12 +99,41 @@ def _failed(exc: httpx.TransportError) -> Failed:
     return Failed(reach, type(exc).__name__)
 
 
+def _tls_failure(exc: BaseException) -> bool:
+    """Whether an ``ssl.SSLError`` is among the causes of ``exc``: httpx raises its
+    ``ConnectError`` from httpcore's, which httpcore's pool re-raises ``from None`` (so the
+    link is the context, not the cause), with the ``ssl`` module's error as its argument and
+    context."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        cause = pending.pop()
+        if id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLError):
+            return True
+        linked = (cause.__cause__, cause.__context__, *cause.args)
+        pending.extend(link for link in linked if isinstance(link, BaseException))
+    return False
+
+
 def _call(policy: RetryPolicy, request: httpx.Request) -> Call:
-    """Give the request its key (unless it has one or its method takes none) and describe it."""
+    """Give the request its key (unless it has one or its method takes none) and describe it.
+
+    A key minted for an earlier call of this request (see :data:`MINTED_KEY`) is not kept:
+    each call mints its own."""
+    extensions = dict(request.extensions)
+    minted = extensions.pop(MINTED_KEY, None)
     key = request.headers.get(policy.header)
+    if key is not None and key == minted:
+        del request.headers[policy.header]
+        key = None
     if key is None and policy.wants_key(request.method):
         key = policy.key_factory()
         request.headers[policy.header] = key
+        extensions[MINTED_KEY] = key
+    request.extensions = extensions
     # Bodies given as bytes, str, JSON or a form are a ByteStream and can be sent again;
     # iterators, generators and multipart uploads are one-shot.
     return Call(request.method, key, replayable=isinstance(request.stream, httpx.ByteStream))
@@ -100,31 +151,166 @@ def _answered(response: httpx.Response, body: bytes | None) -> Answered:
     )
 
 
+def _timeouts(request: httpx.Request) -> Any:
+    """The call's own timeouts: the request's, unless they are the ones an earlier call of this
+    request cut to its deadline (the request sent again, or httpx's redirect request, which
+    shares the extensions): then those the earlier call started from."""
+    timeouts = request.extensions.get("timeout")
+    cut = request.extensions.get(_CUT_TIMEOUTS)
+    if isinstance(cut, tuple) and timeouts is cut[1]:
+        return cut[0]
+    return timeouts
+
+
 def _budgeted(request: httpx.Request, timeouts: Any, budget: float | None) -> None:
-    """Cut the request's timeouts to the time left before the deadline."""
-    if budget is None or not isinstance(timeouts, Mapping):
+    """Cut the call's timeouts to the time left before the deadline, on the request."""
+    if not isinstance(timeouts, Mapping):
+        return
+    if budget is None:
+        request.extensions = {**request.extensions, "timeout": timeouts}
         return
     budget = max(budget, 0.001)
     capped = {name: budget if t is None else min(t, budget) for name, t in timeouts.items()}
-    request.extensions = {**request.extensions, "timeout": capped}
+    request.extensions = {
+        **request.extensions,
+        "timeout": capped,
+        _CUT_TIMEOUTS: (timeouts, capped),
+    }
 
 
-def _rebuilt(response: httpx.Response, raw: bytes) -> httpx.Response:
-    """The response again, its (still encoded) body read into memory."""
+def _rebuilt(
+    response: httpx.Response, stream: httpx.SyncByteStream | httpx.AsyncByteStream
+) -> httpx.Response:
+    """The response again, with ``stream`` as its (still encoded) body; not read yet, so that
+    the client reads and closes it as any other (and sets ``elapsed``)."""
     return httpx.Response(
         response.status_code,
         headers=response.headers,
-        stream=httpx.ByteStream(raw),
+        stream=stream,
         extensions=dict(response.extensions),
     )
 
 
-def _decoded(response: httpx.Response) -> bytes | None:
-    """A rebuilt response's body without its content encoding, None if it cannot be decoded."""
+def _decoded(response: httpx.Response, raw: bytes) -> bytes | None:
+    """``raw`` without the response's content encoding (no more than one byte past
+    ``PROBLEM_BODY_LIMIT``), None if it cannot be decoded. A throwaway response decodes it,
+    so that the one handed on is left unread."""
+    throwaway = httpx.Response(
+        response.status_code, headers=response.headers, stream=httpx.ByteStream(raw)
+    )
+    body = bytearray()
     try:
-        return response.read()
+        for chunk in throwaway.iter_bytes():
+            body += chunk
+            if len(body) > PROBLEM_BODY_LIMIT:
+                break
     except httpx.DecodingError:
         return None
+    finally:
+        throwaway.close()
+    return bytes(body[: PROBLEM_BODY_LIMIT + 1])
+
+
+def _already_read(response: httpx.Response) -> bytes | None:
+    """The body of a response the inner transport has read already (``httpx.MockTransport``,
+    a transport that reads bodies), None if it was not read (or was streamed and dropped)."""
+    if not response.is_stream_consumed:
+        return None
+    try:
+        return response.content
+    except httpx.ResponseNotRead:
+        return b""
+
+
+class _Resumed(httpx.SyncByteStream):
+    """A body whose first chunks were read already: those, then the rest as it comes."""
+
+    def __init__(self, head: list[bytes], rest: Iterator[bytes], response: httpx.Response):
+        self.head, self.rest, self.response = head, rest, response
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.head
+        yield from self.rest
+
+    def close(self) -> None:
+        close = getattr(self.rest, "close", None)
+        if close is not None:
+            close()
+        self.response.close()
+
+
+class _AsyncResumed(httpx.AsyncByteStream):
+    """:class:`_Resumed` for async responses."""
+
+    def __init__(
+        self, head: list[bytes], rest: AsyncIterator[bytes], response: httpx.Response
+    ) -> None:
+        self.head, self.rest, self.response = head, rest, response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.head:
+            yield chunk
+        async for chunk in self.rest:
+            yield chunk
+
+    async def aclose(self) -> None:
+        aclose = getattr(self.rest, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        await self.response.aclose()
+
+
+def _read(
+    response: httpx.Response, *, whole: bool, check: bool
+) -> tuple[httpx.Response, bytes | None]:
+    """Read the body as the loop needs it: all of it (``whole``), or, for the in-progress
+    ``check`` alone, no more than one byte past ``PROBLEM_BODY_LIMIT`` (a longer body is
+    handed on streaming: the bytes read, then the rest). Returns the response to hand on
+    and the decoded body for the check (None when not checking)."""
+    already = _already_read(response)
+    if already is not None:  # nothing left to read: the response is handed on as it is
+        return response, already[: PROBLEM_BODY_LIMIT + 1] if check else None
+    head: list[bytes] = []
+    size = 0
+    raw = response.iter_raw()
+    try:
+        for chunk in raw:
+            head.append(chunk)
+            size += len(chunk)
+            if not whole and size > PROBLEM_BODY_LIMIT:
+                return _rebuilt(response, _Resumed(head, raw, response)), None
+    except BaseException:
+        response.close()
+        raise
+    response.close()
+    body = b"".join(head)
+    rebuilt = _rebuilt(response, httpx.ByteStream(body))
+    return rebuilt, _decoded(response, body) if check else None
+
+
+async def _aread(
+    response: httpx.Response, *, whole: bool, check: bool
+) -> tuple[httpx.Response, bytes | None]:
+    """:func:`_read` for async responses."""
+    already = _already_read(response)
+    if already is not None:
+        return response, already[: PROBLEM_BODY_LIMIT + 1] if check else None
+    head: list[bytes] = []
+    size = 0
+    raw = response.aiter_raw()
+    try:
+        async for chunk in raw:
+            head.append(chunk)
+            size += len(chunk)
+            if not whole and size > PROBLEM_BODY_LIMIT:
+                return _rebuilt(response, _AsyncResumed(head, raw, response)), None
+    except BaseException:
+        await response.aclose()
+        raise
+    await response.aclose()
+    body = b"".join(head)
+    rebuilt = _rebuilt(response, httpx.ByteStream(body))
+    return rebuilt, _decoded(response, body) if check else None
 
 
 def _finish(
@@ -165,7 +351,7 @@ class RetryTransport(httpx.BaseTransport):
         policy = self.policy
         plan = policy.plan(_call(policy, request))
         read_body = self.read_body or bool(request.extensions.get(READ_BODY))
-        timeouts = request.extensions.get("timeout")
+        timeouts = _timeouts(request)
         response: httpx.Response | None = None
         error: httpx.TransportError | None = None
         try:
@@ -185,13 +371,9 @@ class RetryTransport(httpx.BaseTransport):
                     response = self.transport.handle_request(request)
                     body = None
                     content_type = response.headers.get("content-type")
-                    if read_body or policy.needs_body(response.status_code, content_type):
-                        try:
-                            raw = b"".join(response.iter_raw())
-                        finally:
-                            response.close()
-                        response = _rebuilt(response, raw)
-                        body = _decoded(response)
+                    check = policy.needs_body(response.status_code, content_type)
+                    if read_body or check:
+                        response, body = _read(response, whole=read_body, check=check)
                     outcome = _answered(response, body)
                 except httpx.TransportError as exc:
                     response, error = None, exc
@@ -225,7 +407,7 @@ class AsyncRetryTransport(httpx.AsyncBaseTransport):
         policy = self.policy
         plan = policy.plan(_call(policy, request))
         read_body = self.read_body or bool(request.extensions.get(READ_BODY))
-        timeouts = request.extensions.get("timeout")
+        timeouts = _timeouts(request)
         response: httpx.Response | None = None
         error: httpx.TransportError | None = None
         try:
@@ -245,13 +427,9 @@ class AsyncRetryTransport(httpx.AsyncBaseTransport):
                     response = await self.transport.handle_async_request(request)
                     body = None
                     content_type = response.headers.get("content-type")
-                    if read_body or policy.needs_body(response.status_code, content_type):
-                        try:
-                            raw = b"".join([chunk async for chunk in response.aiter_raw()])
-                        finally:
-                            await response.aclose()
-                        response = _rebuilt(response, raw)
-                        body = _decoded(response)
+                    check = policy.needs_body(response.status_code, content_type)
+                    if read_body or check:
+                        response, body = await _aread(response, whole=read_body, check=check)
                     outcome = _answered(response, body)
                 except httpx.TransportError as exc:
                     response, error = None, exc

@@ -1,9 +1,10 @@
 """The key journal: a local SQLite file mapping an operation's name to its idempotency key, so
 that running an operation again, even after the client process crashed, sends the same key.
 
-The key is committed (and synced) before the first attempt leaves. The file is safe to share
-between processes and threads: every call opens its own connection (so forks need no care),
-in WAL mode, and the mint-or-read is one ``BEGIN IMMEDIATE`` transaction.
+The key is committed (and synced) before the first attempt leaves. A missing directory of the
+file is created (the last one with mode 0700, any above it as ``mkdir -p`` would). The file is
+safe to share between processes and threads: every call opens its own connection (so forks
+need no care), in WAL mode, and the mint-or-read is one ``BEGIN IMMEDIATE`` transaction.
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ class KeyJournal:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
+        if not self._ready:
+            try:
+                # A missing directory is created, private to the user: the file holds keys.
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise JournalError(f"key journal {self.path}: {exc}") from exc
         try:
             with closing(
                 sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)

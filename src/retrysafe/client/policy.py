@@ -15,6 +15,7 @@ import enum
 import json
 import math
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Collection, Generator
@@ -25,6 +26,7 @@ from ..errors import ConfigError
 
 __all__ = [
     "IDEMPOTENT_METHODS",
+    "PROBLEM_BODY_LIMIT",
     "RETRY_STATUSES",
     "SYSTEM_CLOCK",
     "Answered",
@@ -50,6 +52,24 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 
 IN_PROGRESS = "in-progress"
 """The slug ending the ``type`` of the problem a retrysafe server answers a concurrent duplicate."""
+
+PROBLEM_BODY_LIMIT = 64 * 1024
+"""Most bytes of a 409 body read to tell whether it is the ``in-progress`` problem (a few
+hundred bytes): a longer body is not that problem, and drivers read no more than one byte past
+this to find out."""
+
+_DELTA_SECONDS = re.compile(r"[0-9]+")
+_DAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_MONTH = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME = r"[0-9]{2}:[0-9]{2}:[0-9]{2}"
+_HTTP_DATE = re.compile(
+    rf"{_DAY}, [0-9]{{2}} {_MONTH} [0-9]{{4}} {_TIME} GMT"  # IMF-fixdate
+    rf"|(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), "
+    rf"[0-9]{{2}}-{_MONTH}-[0-9]{{2}} {_TIME} GMT"  # obsolete RFC 850 form
+    rf"|{_DAY} {_MONTH} [ 0-9][0-9] {_TIME} [0-9]{{4}}",  # obsolete asctime() form
+    re.IGNORECASE,
+)
+"""RFC 9110 §5.6.7 HTTP-date, in the three forms a recipient accepts."""
 
 
 def new_key() -> str:
@@ -107,7 +127,8 @@ class Reach(enum.Enum):
     MAYBE_SENT = "maybe-sent"
     """It may have reached the server (reset, read or write error or timeout, lost response)."""
     FATAL = "fatal"
-    """Retrying cannot fix it (bad URL, unsupported scheme, a local protocol misuse)."""
+    """Retrying cannot fix it (bad URL, unsupported scheme, a local protocol misuse, a TLS
+    certificate that does not verify or another TLS failure)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +149,8 @@ class Answered:
     content_type: str | None = None
     replayed: bool = False
     body: bytes | None = None
-    """The body, when :meth:`RetryPolicy.needs_body` asked the driver to read it."""
+    """The decoded body, when :meth:`RetryPolicy.needs_body` asked the driver to read it (no
+    more than ``PROBLEM_BODY_LIMIT + 1`` bytes of it: a longer body is not the problem)."""
 
 
 Outcome = Answered | Failed
@@ -207,14 +229,19 @@ class RetryPolicy:
 
     The defaults: 5 attempts within 60 s; the n-th retry waits a random time up to
     ``min(max_backoff, backoff * 2**(n-1))`` (full jitter), and at least what ``Retry-After``
-    asks for, capped at ``max_retry_after``. POST and PATCH get a fresh key per call.
+    asks for, capped at ``max_retry_after``; no retry starts with less than ``min_budget``
+    (0.5 s) left before the deadline. POST and PATCH get a fresh key per call.
     """
 
     attempts: int = 5
     """Most times one call is sent, the first included."""
     deadline: float | None = 60.0
-    """Seconds from the first attempt after which no attempt starts (None: no deadline). Each
-    attempt's timeouts are cut to the time left."""
+    """Seconds from the start of the first attempt, on the clock's ``monotonic`` time (waits
+    and the time spent in attempts alike), after which no attempt starts (None: no deadline).
+    Each attempt's timeouts are cut to the time left."""
+    min_budget: float = 0.5
+    """A retry is not started with less than this many seconds left before the deadline (it
+    would only time out): the loop stops with ``deadline`` instead of waiting for it."""
     backoff: float = 0.5
     """The first retry's backoff ceiling; it doubles with every retry."""
     max_backoff: float = 10.0
@@ -235,7 +262,7 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ConfigError("attempts must be at least 1")
-        for name in ("deadline", "backoff", "max_backoff", "max_retry_after"):
+        for name in ("deadline", "min_budget", "backoff", "max_backoff", "max_retry_after"):
             value = getattr(self, name)
             if value is not None and not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"{name} must be a finite number of seconds >= 0")
@@ -287,22 +314,25 @@ class RetryPolicy:
         return self.jitter() * ceiling
 
     def retry_after(self, value: str | None) -> float | None:
-        """Seconds a ``Retry-After`` value (delta-seconds or an HTTP date) asks for, capped;
-        None if absent or unreadable."""
+        """Seconds a ``Retry-After`` value asks for, capped at ``max_retry_after``; None if
+        absent or not one of the two forms RFC 9110 §10.2.3 allows: delta-seconds (ASCII digits
+        only: no sign, fraction, exponent or inner space) or an HTTP-date."""
         if value is None:
             return None
-        value = value.strip()
-        try:
-            seconds = float(value)  # delta-seconds (a fraction is tolerated)
-        except ValueError:
+        value = value.strip(" \t")
+        if _DELTA_SECONDS.fullmatch(value):
+            seconds = float(value)  # only digits: at worst inf for a huge number, then capped
+        elif _HTTP_DATE.fullmatch(value):
             try:
                 when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError, IndexError):
+            except (TypeError, ValueError, IndexError, OverflowError):
                 return None
-            if when.tzinfo is None:  # "-0000": RFC 9110 dates are GMT, read it as such
+            if when.tzinfo is None:  # asctime() has no zone: RFC 9110 dates are GMT
                 when = when.replace(tzinfo=datetime.UTC)
             seconds = when.timestamp() - self.clock.time()
-        if not math.isfinite(seconds):
+        else:
+            return None
+        if math.isnan(seconds):
             return None
         return min(max(0.0, seconds), self.max_retry_after)
 
@@ -340,8 +370,11 @@ class RetryPolicy:
                 asked = self.retry_after(outcome.retry_after)
                 if asked is not None:
                     delay = max(delay, asked)
-            if self.deadline is not None and (clock.monotonic() - started + delay >= self.deadline):
-                return info(outcome, "deadline")
+            if self.deadline is not None:
+                # Time in attempts counts as much as time asleep: the clock is read again here.
+                left = self.deadline - (clock.monotonic() - started + delay)
+                if left <= 0 or left < self.min_budget:
+                    return info(outcome, "deadline")
             delays.append(delay)
             yield Wait(delay)
 
@@ -358,12 +391,16 @@ def advance(
 
 
 def _is_in_progress(outcome: Answered) -> bool:
-    """Whether a 409's body is the ``in-progress`` problem (RFC 9457), whatever the type base."""
-    if not outcome.body:
+    """Whether a 409's body is the ``in-progress`` problem (RFC 9457), whatever the type base.
+
+    A body over :data:`PROBLEM_BODY_LIMIT`, or one the JSON parser gives up on (malformed,
+    or nested deeper than the interpreter's recursion limit), is not that problem."""
+    body = outcome.body
+    if not body or len(body) > PROBLEM_BODY_LIMIT:
         return False
     try:
-        document: Any = json.loads(outcome.body)
-    except ValueError:
+        document: Any = json.loads(body)
+    except (ValueError, RecursionError):
         return False
     kind = document.get("type") if isinstance(document, dict) else None
     if not isinstance(kind, str):

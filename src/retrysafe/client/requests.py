@@ -14,7 +14,7 @@ Exceptions are classified for the policy like this::
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import requests
@@ -25,6 +25,7 @@ from requests.structures import CaseInsensitiveDict
 from ..errors import ConfigError
 from .journal import KeyJournal
 from .policy import (
+    PROBLEM_BODY_LIMIT,
     Answered,
     Attempt,
     Call,
@@ -64,6 +65,9 @@ def _failed(exc: requests.RequestException) -> Failed:
 
 
 def _call(policy: RetryPolicy, request: requests.PreparedRequest) -> Call:
+    """Describe ``request``, which is the adapter's own copy: a key minted here is set on the
+    copy only, so the caller's ``PreparedRequest`` never carries it. Sent again, or copied by
+    the session to follow a redirect, it is a new call that mints its own key."""
     key = request.headers.get(policy.header)
     if key is None and policy.wants_key(request.method or ""):
         key = policy.key_factory()
@@ -99,6 +103,54 @@ def _answered(response: requests.Response, body: bytes | None) -> Answered:
     )
 
 
+class _Prefixed:
+    """``response.raw`` of a streamed response whose first bytes (decoded) were read to check
+    for the in-progress problem: those bytes, then the rest of the body, decoded; any other
+    attribute is the urllib3 response's."""
+
+    def __init__(self, head: bytes, raw: Any) -> None:
+        self._head = head
+        self._raw = raw
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+    def _take(self, amt: int | None) -> bytes:
+        head = self._head if amt is None else self._head[:amt]
+        self._head = self._head[len(head) :]
+        return head
+
+    def read(self, amt: int | None = None, *args: Any, **kwargs: Any) -> bytes:
+        head = self._take(amt)
+        if amt is None:
+            rest: bytes = self._raw.read(decode_content=True)
+            return head + rest
+        if len(head) < amt:
+            head += self._raw.read(amt - len(head), decode_content=True)
+        return head
+
+    def stream(
+        self, amt: int | None = 2**16, decode_content: bool | None = None
+    ) -> Iterator[bytes]:
+        while self._head:
+            yield self._take(amt)
+        yield from self._raw.stream(amt, decode_content=True)
+
+
+def _read_problem(response: requests.Response) -> bytes:
+    """The body of a streamed response, for the in-progress check: no more than
+    ``PROBLEM_BODY_LIMIT`` + 1 bytes are read; a longer body stays streamed, whole."""
+    head = bytearray()
+    for chunk in response.iter_content(8192):
+        head += chunk
+        if len(head) > PROBLEM_BODY_LIMIT:
+            response.raw = _Prefixed(bytes(head), response.raw)
+            return bytes(head)
+    response._content = bytes(head)  # read to its end: what ``response.content`` returns
+    response._content_consumed = True  # type: ignore[attr-defined]
+    return bytes(head)
+
+
 class RetryAdapter(requests.adapters.HTTPAdapter):
     """``HTTPAdapter`` that retries as ``policy`` says; mount it on any session::
 
@@ -124,6 +176,7 @@ class RetryAdapter(requests.adapters.HTTPAdapter):
         proxies: Mapping[str, str] | None = None,
     ) -> requests.Response:
         policy = self.policy
+        request = request.copy()  # the key is set on this copy only (see _call)
         plan = policy.plan(_call(policy, request))
         response: requests.Response | None = None
         error: requests.RequestException | None = None
@@ -148,10 +201,14 @@ class RetryAdapter(requests.adapters.HTTPAdapter):
                         cert=cert,
                         proxies=proxies,
                     )
-                    body = None
+                    body: bytes | None = None
                     content_type = response.headers.get("content-type")
-                    if not stream or policy.needs_body(response.status_code, content_type):
-                        body = response.content  # kept: the session will not read it again
+                    check = policy.needs_body(response.status_code, content_type)
+                    if not stream:
+                        content = response.content  # kept: the session will not read it again
+                        body = content[: PROBLEM_BODY_LIMIT + 1] if check and content else None
+                    elif check:
+                        body = _read_problem(response)
                     outcome = _answered(response, body)
                 except requests.RequestException as exc:
                     if response is not None:
