@@ -9,6 +9,10 @@ it answer 503, ``X-Fail: raise`` makes it raise (the server answers 500). ``GET`
 must pass it too, so that the checker is shown to work on an implementation other than
 retrysafe's. ``ToyLayer(app, defect=...)`` adds one of the defects seen in today's libraries
 (``DEFECTS``, after ``prior-art.md``). :class:`Counting` notes what reached the server.
+
+:class:`StrictApp` is an API without any idempotency layer that validates its requests: a
+body member it does not know, or a path other than its own, gets its own 422 (a validation
+error, whatever the key).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from servers import ASGIApp, Message, Receive, Scope, Send
 
 from retrysafe.keys import MalformedKey, find_key
 
-__all__ = ["DEFECTS", "Counting", "PaymentsApp", "ToyLayer"]
+__all__ = ["DEFECTS", "Counting", "PaymentsApp", "StrictApp", "ToyLayer"]
 
 DEFECTS = (
     "cross-caller-replay",
@@ -97,6 +101,43 @@ class PaymentsApp:
 
 
 @dataclass
+class StrictApp:
+    """:class:`PaymentsApp` behind request validation of its own: 422 for an unknown body member
+    or another path, key or no key (see the module docstring)."""
+
+    path: str = "/v1/charges"
+    members: frozenset[str] = frozenset({"amount", "currency", "customer"})
+    app: PaymentsApp = field(default_factory=PaymentsApp)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        body = await read_body(receive)
+        try:
+            document = json.loads(body)
+        except ValueError:
+            document = None
+        if scope["path"] != self.path:
+            wrong = f"no such operation: {scope['path']}"
+        elif not isinstance(document, dict) or set(document) - self.members:
+            wrong = "unknown members: " + ", ".join(sorted(set(document or {}) - self.members))
+        else:
+            wrong = ""
+        if wrong:
+            problem = {"type": "urn:example:validation", "title": "invalid", "status": 422,
+                       "detail": wrong}  # fmt: skip
+            headers = [(b"content-type", b"application/problem+json")]
+            await respond(send, 422, json.dumps(problem).encode(), headers)
+            return
+
+        async def replayed() -> Message:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replayed, send)
+
+
+@dataclass
 class Counting:
     """Counts the HTTP requests that reach ``app``, and the most in flight at once."""
 
@@ -139,13 +180,25 @@ def _canonical(body: bytes) -> bytes:
 
 
 class ToyLayer:
-    """A small ``Idempotency-Key`` layer over a dict, optionally with one ``defect``."""
+    """A small ``Idempotency-Key`` layer over a dict, optionally with one ``defect``.
 
-    def __init__(self, app: ASGIApp, *, defect: str | None = None, ttl: float = 3600) -> None:
+    ``reused`` names the problem type of its 422 (``urn:toy:<reused>``): another name than
+    the contract's ``key-reused`` is how a layer following only the IETF draft may answer.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        defect: str | None = None,
+        ttl: float = 3600,
+        reused: str = "key-reused",
+    ) -> None:
         assert defect is None or defect in DEFECTS, defect
         self.app = app
         self.defect = defect
         self.ttl = ttl
+        self.reused = reused
         self.records: dict[tuple[bytes, str], _Record] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -179,7 +232,7 @@ class ToyLayer:
             record = self.records[rid] = _Record(fingerprint)
             await self.execute(scope, body, send, rid, record)
         elif record.fingerprint != fingerprint:
-            await self.problem(send, 422, "key-reused", "this key was used for another request")
+            await self.problem(send, 422, self.reused, "this key was used for another request")
         elif not record.done:
             await self.problem(send, 409, "in-progress", "a request with this key is running")
         else:

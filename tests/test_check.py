@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from check_servers import DEFECTS, Counting, PaymentsApp, ToyLayer
+from check_servers import DEFECTS, Counting, PaymentsApp, StrictApp, ToyLayer
 from servers import ASGIApp, Receive, Scope, Send, free_port, serve_in_thread
 
 from retrysafe import IdempotencyMiddleware
@@ -88,7 +88,9 @@ def test_retrysafe_middleware_passes_every_check(
     planned = PLANNED.search(out)
     assert planned is not None, out
     assert counting.requests == report["requests"] <= int(planned[1]) == report["planned_requests"]
+    assert all(c["requests"] <= c["planned_requests"] for c in report["checks"]), report
     assert counting.peak <= int(planned[2]) == 5
+    assert "422 urn:retrysafe:problem:key-reused" in reasons(report)["other-body"]
     assert "\033[" not in out  # no colour off a terminal
     assert out.rstrip().endswith(": OK")
 
@@ -166,13 +168,13 @@ def test_cross_caller_replay_leaking_a_cookie_is_said(
 def test_ttl(
     layer_ttl: float, verdict: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    """With --ttl, a key past its retention must execute anew; a longer retention fails."""
+    """With --ttl (which runs replay first), a key past its retention executes anew, or fails."""
     with serving(IdempotencyMiddleware(PaymentsApp(), store="memory://", ttl=layer_ttl)) as (
         url,
         _,
     ):
         _, report, _ = check(capsys, tmp_path, url, "--ttl", "1", "--only", "ttl")
-    assert outcomes(report) == {"baseline": "INFO", "ttl": verdict}
+    assert outcomes(report) == {"baseline": "INFO", "replay": "PASS", "ttl": verdict}
 
 
 def test_require_key(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -227,7 +229,7 @@ def test_dry_run_sends_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     assert counting.requests == 0
     planned = PLANNED.search(out)
     assert planned is not None, out
-    assert (int(planned[1]), int(planned[2])) == (30, 7)
+    assert (int(planned[1]), int(planned[2])) == (32, 7)
     assert re.search(r"^  concurrency +8 requests", out, re.MULTILINE)
 
 
@@ -331,3 +333,86 @@ def test_without_httpx_it_says_what_to_install(
     monkeypatch.setitem(sys.modules, "httpx", None)
     assert main(["check", "http://127.0.0.1:9/x", "--yes"]) == 2
     assert "pip install 'retrysafe[client]'" in capsys.readouterr().err
+
+
+def test_an_unrelated_422_is_not_taken_for_the_keys_refusal(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A 422 the API gives the variant whatever its key (validation) is a SKIP, never a PASS."""
+    with serving(StrictApp()) as (url, counting):
+        status, report, out = check(capsys, tmp_path, url, "--only", "other-body,other-path")
+    assert outcomes(report) == {"baseline": "INFO", "other-body": "SKIP", "other-path": "SKIP"}
+    assert "refused (422) with a fresh key too" in reasons(report)["other-body"]
+    assert "--other-data" in reasons(report)["other-body"]
+    assert "--other-path" in reasons(report)["other-path"]
+    assert status == 0, out
+    assert counting.requests == report["requests"] == 2 + 3 + 3
+
+
+def test_a_422_of_another_type_counts_when_a_fresh_key_is_not_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A layer naming its 422 otherwise passes by the control: the variant, fresh key, runs."""
+    with serving(ToyLayer(PaymentsApp(), reused="fingerprint-mismatch")) as (url, counting):
+        status, report, out = check(
+            capsys, tmp_path, url, "--only", "other-body,other-path,problem-json"
+        )
+    assert status == 0, out
+    assert failed(report) == set()
+    for check_id in ("other-body", "other-path"):
+        assert outcomes(report)[check_id] == "PASS"
+        assert "with a fresh key it got 201, not 422" in reasons(report)[check_id]
+    assert reasons(report)["problem-json"].startswith("2 refusals")
+    assert counting.requests == report["requests"] <= report["planned_requests"]
+
+
+def test_ttl_is_not_judged_where_nothing_is_replayed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Executing anew after --ttl proves nothing on an API that never replays: ttl SKIPs."""
+    with serving(PaymentsApp()) as (url, _):
+        status, report, _ = check(capsys, tmp_path, url, "--ttl", "0.1", "--only", "ttl")
+    assert outcomes(report) == {"baseline": "INFO", "replay": "FAIL", "ttl": "SKIP"}
+    assert reasons(report)["ttl"].startswith("needs a working replay")
+    assert status == 1  # for replay
+
+
+def test_only_runs_the_checks_a_chosen_check_builds_on(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--only key-forms runs replay first (it needs a working replay), so key-forms is judged."""
+    with serving(IdempotencyMiddleware(PaymentsApp(), store="memory://")) as (url, _):
+        status, report, out = check(capsys, tmp_path, url, "--only", "key-forms")
+    assert status == 0, out
+    assert outcomes(report) == {"baseline": "INFO", "replay": "PASS", "key-forms": "PASS"}
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "check.md"
+ROW = re.compile(r"^([a-z0-9-]+) +[-0-9, ]+ +(PASS|FAIL|SKIP|INFO|ERROR) ", re.MULTILINE)
+
+
+def test_the_docs_figures_are_what_the_checker_says(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/check.md's sample run and plan totals are what the checker prints today."""
+    doc = DOCS.read_text()
+    sample = doc[doc.index("## A sample report") : doc.index("The same API behind")]
+    prose = " ".join(doc.split())
+    with serving(PaymentsApp()) as (url, _):
+        status = main(["check", url, "-d", '{"amount": 1000}', "--yes"])
+    out = capsys.readouterr().out
+    assert status == 1
+    planned = PLANNED.search(out)
+    assert planned is not None
+    assert f"at most {planned[1]} requests, 5 at once" in sample
+    assert f"at most {planned[1]} requests with a JSON body" in prose
+    assert ROW.findall(sample) == ROW.findall(out)
+    assert out.rstrip().splitlines()[-1] in sample  # the summary: counts and requests sent
+    main(["check", url, "--dry-run"])
+    plain = PLANNED.search(capsys.readouterr().out)
+    assert plain is not None
+    assert f"({plain[1]} otherwise" in prose
+    everything = [*CALLERS, *FAIL_503, "--ttl", "2"]
+    main(["check", url, "-d", '{"amount": 1000}', *everything, "--dry-run"])
+    full = PLANNED.search(capsys.readouterr().out)
+    assert full is not None
+    assert f": {full[1]} with all of them at their defaults" in prose
+    assert f"at most {full[1]} requests, 5 at once" in doc

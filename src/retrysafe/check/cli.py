@@ -10,18 +10,24 @@ import argparse
 import asyncio
 import importlib
 import os
+import re
 import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .plan import CHECKS, Plan, Target, make_plan
+from .plan import CHECKS, Outcome, Plan, Target, make_plan
 
 __all__ = ["add_parser"]
 
 MAX_CONCURRENCY = 64
 MAX_TTL = 3600.0
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+"""An HTTP token (RFC 9110 5.6.2): what a header name or a method may be."""
+_NOT_IN_VALUE = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+"""The characters a header value cannot carry (controls other than tab)."""
 
 
 class UsageError(Exception):
@@ -31,15 +37,15 @@ class UsageError(Exception):
 def _header(text: str) -> tuple[str, str]:
     name, sep, value = text.partition(":")
     name = name.strip()
-    if not sep or not name or not name.isascii() or any(c in name for c in " \t\r\n"):
+    if not sep or not _TOKEN.match(name):
         raise argparse.ArgumentTypeError(f"write 'Name: value', not {text!r}")
     value = value.strip()
     try:
         value.encode("latin-1")
     except UnicodeEncodeError:
         raise argparse.ArgumentTypeError(f"not a Latin-1 header value: {value!r}") from None
-    if any(c in value for c in "\r\n\0"):
-        raise argparse.ArgumentTypeError(f"line breaks in the header value: {value!r}")
+    if _NOT_IN_VALUE.search(value):
+        raise argparse.ArgumentTypeError(f"control characters in the header value: {value!r}")
     return name, value
 
 
@@ -152,7 +158,11 @@ def _body(text: str | None, option: str) -> bytes | None:
             return Path(text[1:]).read_bytes()
         except OSError as exc:
             raise UsageError(f"{option}: cannot read {text[1:]}: {exc.strerror}") from None
-    return text.encode()
+    try:
+        # surrogateescape: the bytes of an argument that was not UTF-8, as they were given
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise UsageError(f"{option}: not text that can be sent: {text!r}") from None
 
 
 def _is_json(body: bytes) -> bool:
@@ -165,11 +175,56 @@ def _is_json(body: bytes) -> bool:
     return True
 
 
-def _target(args: argparse.Namespace) -> Target:
-    parts = urlsplit(args.url)
+def _url(text: str) -> str:
+    """``text`` if it is an http(s) URL the checker can send to, else a :class:`UsageError`."""
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # a port out of range or not a number raises here
+    except ValueError as exc:
+        raise UsageError(f"not a valid URL: {text!r} ({exc})") from None
     if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise UsageError(f"not an http(s) URL: {args.url!r}")
+        raise UsageError(f"not an http(s) URL: {text!r}")
+    if port == 0:
+        raise UsageError(f"not a valid URL: {text!r} (port 0)")
+    if not text.isprintable() or any(c.isspace() for c in text):
+        raise UsageError(f"not a valid URL: {text!r} (spaces or control characters)")
+    _sendable(text, "URL")
+    return text
+
+
+def _sendable(url: str, what: str) -> None:
+    """Refuse what httpx would refuse only once the run has started."""
+    import httpx  # present: checked before the command line is read
+
+    try:
+        httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise UsageError(f"{what}: not a valid URL: {url!r} ({exc})") from None
+
+
+def _key_header(args: argparse.Namespace) -> str:
+    """The key's header name; refused when the caller's headers already send it."""
+    name: str = args.key_header
+    if not _TOKEN.match(name):
+        raise UsageError(f"--key-header: not a header name: {name!r}")
+    given = [("-H", header) for header in args.headers]
+    for option, header in (("--second-auth", args.second_auth), ("--fail-with", args.fail_with)):
+        if header is not None:
+            given.append((option, header))
+    for option, (header, _) in given:
+        if header.lower() == name.lower():
+            raise UsageError(
+                f"{option} '{header}: ...': the checker sends its own keys in {name} (one per"
+                " check, prefixed so that they can be found): drop this header"
+            )
+    return name
+
+
+def _target(args: argparse.Namespace) -> Target:
+    url = _url(args.url)
     method = args.method.upper()
+    if not _TOKEN.match(method):
+        raise UsageError(f"-X: not a method: {args.method!r}")
     if method in {"GET", "HEAD", "OPTIONS"}:
         raise UsageError(f"-X {method}: check a method the API protects (POST, PATCH)")
     body = _body(args.data, "--data") or b""
@@ -184,14 +239,13 @@ def _target(args: argparse.Namespace) -> Target:
             raise UsageError(f"--only: unknown checks {', '.join(sorted(unknown)) or '(none)'}")
     if args.other_path is not None and not args.other_path.startswith("/"):
         raise UsageError("--other-path: give a path starting with /")
-    if not args.key_header or any(c in args.key_header for c in " \t:"):
-        raise UsageError(f"--key-header: not a header name: {args.key_header!r}")
-    return Target(
-        url=args.url,
+    key_header = _key_header(args)
+    target = Target(
+        url=url,
         method=method,
         body=body,
         headers=tuple(headers),
-        key_header=args.key_header,
+        key_header=key_header,
         concurrency=args.concurrency,
         timeout=args.timeout,
         second_auth=args.second_auth,
@@ -203,6 +257,9 @@ def _target(args: argparse.Namespace) -> Target:
         stuck_wait=args.stuck_wait,
         only=only,
     )
+    parts = urlsplit(url)
+    _sendable(f"{parts.scheme}://{parts.netloc}{target.reused_path()}", "--other-path")
+    return target
 
 
 def _confirmed(plan: Plan) -> bool:
@@ -225,11 +282,15 @@ def _check(args: argparse.Namespace) -> int:
     try:
         return _check_or_raise(args)
     except UsageError as exc:
-        print(f"retrysafe check: {exc}", file=sys.stderr)
+        print(f"retrysafe check: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("retrysafe check: interrupted; the report is incomplete", file=sys.stderr)
         return 2
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _check_or_raise(args: argparse.Namespace) -> int:
@@ -261,7 +322,15 @@ def _check_or_raise(args: argparse.Namespace) -> int:
         _write(args.json, report.json_text(plan, results))
     if args.junit is not None:
         _write(args.junit, report.to_junit(plan, results))
-    return report.exit_status(results)
+    status = report.exit_status(results)
+    for result in results:
+        if result.outcome is Outcome.ERROR:
+            print(
+                f"retrysafe check: {result.id}: {_one_line(result.reason)}; the run stopped there,"
+                " the report is incomplete",
+                file=sys.stderr,
+            )
+    return status
 
 
 def _write(path: str, text: str) -> None:

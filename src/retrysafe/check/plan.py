@@ -32,7 +32,9 @@ __all__ = [
     "Check",
     "Outcome",
     "Plan",
+    "PlanExceeded",
     "PlannedCheck",
+    "ProbeFailed",
     "Result",
     "Target",
     "TargetError",
@@ -43,9 +45,21 @@ __all__ = [
 STUCK_POLL = 0.25
 """Seconds between the retries of ``stuck-key`` while the key answers 409."""
 
+REUSED_TYPE = "key-reused"
+"""How the type of the contract's 422 ends (``urn:retrysafe:problem:key-reused``, rule 24)."""
+
 
 class TargetError(Exception):
     """The endpoint cannot be checked: unreachable, or the request itself does not succeed."""
+
+
+class ProbeFailed(Exception):
+    """A request got no usable answer (timeout, connection cut): the check fails with this."""
+
+
+class PlanExceeded(Exception):
+    """A check tried to send more requests than the plan stated: a bug of the checker's own,
+    stopped before the request is sent."""
 
 
 class Outcome(enum.Enum):
@@ -54,6 +68,9 @@ class Outcome(enum.Enum):
     SKIP = "SKIP"
     INFO = "INFO"
     """Reported, not judged (the baseline; the missing-key behaviour without ``--require-key``)."""
+    ERROR = "ERROR"
+    """The check could not finish (the endpoint went away, an answer could not be read): the run
+    stops there, the checks after it are reported as not run, and the exit status is 2."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +191,8 @@ class Check:
     """How many of them run the operation on a conforming API (a broken one may run more)."""
     needs: Callable[[Target], str | None] = lambda target: None
     """Why it cannot run against this target (a missing option), or None."""
+    requires: tuple[str, ...] = ()
+    """The checks whose outcome it builds on: ``--only`` runs them too (before it)."""
 
 
 @dataclass(frozen=True)
@@ -198,11 +217,26 @@ class Plan:
         return sum(planned.executions for planned in self.checks)
 
 
+def _chosen(only: frozenset[str]) -> set[str]:
+    """``only``, ``baseline``, and every check those require, however indirectly."""
+    requires = {check.id: check.requires for check in CHECKS}
+    chosen = {"baseline"}
+    todo = list(only)
+    while todo:
+        check_id = todo.pop()
+        if check_id not in chosen:
+            chosen.add(check_id)
+            todo.extend(requires.get(check_id, ()))
+    return chosen
+
+
 def make_plan(target: Target) -> Plan:
-    """The checks that apply to ``target`` (``baseline`` always), with their request counts."""
+    """The checks that apply to ``target`` (``baseline`` always, and with ``only`` the checks
+    those require), with their request counts."""
+    chosen = None if target.only is None else _chosen(target.only)
     planned = []
     for check in CHECKS:
-        if target.only is not None and check.id not in target.only and check.id != "baseline":
+        if chosen is not None and check.id not in chosen:
             continue
         skip = check.needs(target)
         if skip is None:
@@ -261,13 +295,55 @@ def _judge_replay(first: Exchange, retry: Exchange, distinct: bool) -> Verdict:
     return Verdict(Outcome.PASS, "replayed byte for byte, marked Idempotent-Replayed: true")
 
 
-def _judge_reuse(probe: Probe, first: Exchange, reused: Exchange, what: str) -> Verdict:
-    """Whether the key reused for ``what`` was refused with 422 and not executed (rule 9)."""
+def _problem_type(exchange: Exchange) -> str | None:
+    """The ``type`` member of a JSON object body, whatever its Content-Type; else None."""
+    try:
+        document = json.loads(exchange.body)
+    except ValueError:
+        return None
+    if isinstance(document, dict) and isinstance(document.get("type"), str):
+        kind: str = document["type"]
+        return kind
+    return None
+
+
+async def _judge_reuse(
+    probe: Probe,
+    first: Exchange,
+    reused: Exchange,
+    what: str,
+    control: Callable[[], Awaitable[Exchange]],
+    hint: str,
+) -> Verdict:
+    """Whether the key reused for ``what`` was refused with 422 and not executed (rule 9).
+
+    A 422 alone does not show that: an API may refuse the variant itself (a validation error)
+    whatever its key. The refusal counts as the key's when its problem type ends in
+    ``key-reused`` (rule 24); otherwise ``control`` sends the variant with a fresh key, and
+    the 422 counts only if that one is not refused with 422 too. If it is, the check cannot
+    tell the two refusals apart and skips, saying which option gives it a variant to use.
+    """
     if not _ok(first):
         return Verdict(Outcome.FAIL, f"the first request itself answered {first.status}")
     if reused.status == 422:
+        kind = _problem_type(reused)
+        if kind is not None and kind.endswith(REUSED_TYPE):
+            probe.problem(reused)
+            return Verdict(Outcome.PASS, f"same key with {what}: 422 {kind}, not executed")
+        fresh = await control()
+        named = f"type {kind!r}" if kind is not None else "no problem type"
+        if fresh.status == 422:
+            return Verdict(
+                Outcome.SKIP,
+                f"{what} is refused (422) with a fresh key too: the 422 ({named}) may not be"
+                f" the key's; {hint}",
+            )
         probe.problem(reused)
-        return Verdict(Outcome.PASS, f"same key with {what}: 422, not executed")
+        return Verdict(
+            Outcome.PASS,
+            f"same key with {what}: 422 ({named}), not executed; with a fresh key it got"
+            f" {fresh.status}, not 422, so the 422 was the key's",
+        )
     if reused.replayed or (same_answer(first, reused) and probe.context.distinct):
         return Verdict(
             Outcome.FAIL, f"mismatch replayed: the request with {what} got the first one's response"
@@ -287,8 +363,11 @@ def _judge_reuse(probe: Probe, first: Exchange, reused: Exchange, what: str) -> 
 
 
 async def _baseline(context: Context, probe: Probe) -> Verdict:
-    first = await probe.send("first request (key A)", key=context.key_a)
-    other = await probe.send("same request, another key (B)", key=probe.key("B"))
+    try:
+        first = await probe.send("first request (key A)", key=context.key_a)
+        other = await probe.send("same request, another key (B)", key=probe.key("B"))
+    except ProbeFailed as exc:
+        raise TargetError(f"{exc}: the checks need a request that is answered") from None
     for exchange in (first, other):
         if not _ok(exchange):
             raise TargetError(
@@ -408,20 +487,28 @@ async def _concurrency(context: Context, probe: Probe) -> Verdict:
 
 async def _other_body(context: Context, probe: Probe) -> Verdict:
     key = probe.key("E")
+    body = context.target.reused_body()
     first = await probe.send("first (key E)", key=key)
-    reused = await probe.send(
-        "same key E, another body", key=key, body=context.target.reused_body()
-    )
-    return _judge_reuse(probe, first, reused, "another body")
+    reused = await probe.send("same key E, another body", key=key, body=body)
+
+    def control() -> Awaitable[Exchange]:
+        return probe.send("another body, fresh key (E2)", key=probe.key("E2"), body=body)
+
+    hint = "give --other-data with another body the API accepts"
+    return await _judge_reuse(probe, first, reused, "another body", control, hint)
 
 
 async def _other_path(context: Context, probe: Probe) -> Verdict:
     key = probe.key("F")
+    path = context.target.reused_path()
     first = await probe.send("first (key F)", key=key)
-    reused = await probe.send(
-        "same key F, another path", key=key, target=context.target.reused_path()
-    )
-    return _judge_reuse(probe, first, reused, "another path")
+    reused = await probe.send("same key F, another path", key=key, target=path)
+
+    def control() -> Awaitable[Exchange]:
+        return probe.send("another path, fresh key (F2)", key=probe.key("F2"), target=path)
+
+    hint = "give --other-path with another route the API accepts"
+    return await _judge_reuse(probe, first, reused, "another path", control, hint)
 
 
 async def _malformed_key(context: Context, probe: Probe) -> Verdict:
@@ -571,6 +658,12 @@ def _stuck_polls(target: Target) -> int:
 
 
 async def _ttl(context: Context, probe: Probe) -> Verdict:
+    if not context.passed("replay"):
+        return Verdict(
+            Outcome.SKIP,
+            "needs a working replay (see replay): executing anew after the retention means"
+            " nothing if the API does not replay before it",
+        )
     target = context.target
     key = probe.key("T")
     first = await probe.send("first (key T)", key=key)
@@ -630,6 +723,10 @@ def _two(target: Target) -> int:
     return 2
 
 
+def _three(target: Target) -> int:
+    return 3
+
+
 CHECKS: tuple[Check, ...] = (
     Check(
         "baseline",
@@ -641,7 +738,12 @@ CHECKS: tuple[Check, ...] = (
     ),
     Check("replay", "a retry gets the original byte for byte, marked", "14, 15, 16", _replay, _one),
     Check(
-        "key-forms", "the key survives quoting and the header name's case", "3, 4", _key_forms, _one
+        "key-forms",
+        "the key survives quoting and the header name's case",
+        "3, 4",
+        _key_forms,
+        _one,
+        requires=("replay",),
     ),
     Check(
         "json-canonical",
@@ -650,6 +752,7 @@ CHECKS: tuple[Check, ...] = (
         _json_canonical,
         _one,
         needs=_needs_json,
+        requires=("replay",),
     ),
     Check(
         "concurrency",
@@ -659,10 +762,24 @@ CHECKS: tuple[Check, ...] = (
         lambda target: target.concurrency + 1,
         _one,
     ),
+    # The third request of other-body and other-path (a fresh key, to tell whose refusal a 422
+    # is) is sent only when the 422 does not name key-reused: not on a conforming API.
     Check(
-        "other-body", "the key with another body: 422, not executed", "9", _other_body, _two, _one
+        "other-body",
+        "the key with another body: 422 key-reused, not executed",
+        "9",
+        _other_body,
+        _three,
+        _one,
     ),
-    Check("other-path", "the key on another path: 422, not executed", "9", _other_path, _two, _one),
+    Check(
+        "other-path",
+        "the key on another path: 422 key-reused, not executed",
+        "9",
+        _other_path,
+        _three,
+        _one,
+    ),
     Check(
         "malformed-key",
         "empty, too long, non-ASCII, repeated, list: 400",
@@ -714,6 +831,7 @@ CHECKS: tuple[Check, ...] = (
         _two,
         _two,
         _needs("ttl", "give --ttl SECONDS (the API's retention; the check waits that long)"),
+        requires=("replay",),
     ),
     Check(
         "problem-json",

@@ -20,6 +20,7 @@ _COLOURS = {
     Outcome.FAIL: "\033[1;31m",
     Outcome.SKIP: "\033[33m",
     Outcome.INFO: "\033[36m",
+    Outcome.ERROR: "\033[1;35m",
 }
 _RESET = "\033[0m"
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd]")
@@ -67,7 +68,7 @@ def table(results: Sequence[Result], *, colour: bool = False, verbose: bool = Fa
         if colour:
             label = f"{_COLOURS[result.outcome]}{label}{_RESET}"
         lines.append(f"{result.id:<{width}}  {result.rules:<{rules}}  {label}  {result.reason}")
-        if verbose or result.outcome is Outcome.FAIL:
+        if verbose or result.outcome in {Outcome.FAIL, Outcome.ERROR}:
             lines.extend(f"{'':<{width}}    {line}" for line in result.evidence)
     return "\n".join(lines)
 
@@ -77,21 +78,31 @@ def _counts(results: Sequence[Result]) -> Counter[Outcome]:
 
 
 def exit_status(results: Sequence[Result]) -> int:
-    """0 when every check that applied passed, 1 when one failed."""
-    return 1 if _counts(results)[Outcome.FAIL] else 0
+    """0 when every check that applied passed, 1 when one failed, 2 when the run could not
+    finish (a check in ERROR)."""
+    counts = _counts(results)
+    if counts[Outcome.ERROR]:
+        return 2
+    return 1 if counts[Outcome.FAIL] else 0
 
 
 def summary(results: Sequence[Result], *, colour: bool = False) -> str:
-    """``10 passed, 2 failed, 3 skipped, 2 info; 27 requests: FAILED``."""
+    """``10 passed, 2 failed, 3 skipped, 2 info; 27 requests sent: FAILED``; a run that could
+    not finish adds ``1 error`` and ends ``INCOMPLETE``."""
     counts = _counts(results)
     sent = sum(result.requests for result in results)
-    failed = counts[Outcome.FAIL] > 0
-    verdict = "FAILED" if failed else "OK"
+    status = exit_status(results)
+    verdict, shade = {
+        0: ("OK", Outcome.PASS),
+        1: ("FAILED", Outcome.FAIL),
+        2: ("INCOMPLETE", Outcome.ERROR),
+    }[status]
     if colour:
-        verdict = f"{_COLOURS[Outcome.FAIL if failed else Outcome.PASS]}{verdict}{_RESET}"
+        verdict = f"{_COLOURS[shade]}{verdict}{_RESET}"
+    errors = f", {counts[Outcome.ERROR]} error" if counts[Outcome.ERROR] else ""
     return (
         f"{counts[Outcome.PASS]} passed, {counts[Outcome.FAIL]} failed,"
-        f" {counts[Outcome.SKIP]} skipped, {counts[Outcome.INFO]} info;"
+        f" {counts[Outcome.SKIP]} skipped, {counts[Outcome.INFO]} info{errors};"
         f" {_plural(sent, 'request')} sent: {verdict}"
     )
 
@@ -100,6 +111,7 @@ def to_json(plan: Plan, results: Sequence[Result]) -> dict[str, Any]:
     """The report as a JSON-ready document."""
     counts = _counts(results)
     target = plan.target
+    planned = {p.check.id: p.requests for p in plan.checks}
     return {
         "target": {"method": target.method, "url": target.url},
         "planned_requests": plan.requests,
@@ -115,6 +127,7 @@ def to_json(plan: Plan, results: Sequence[Result]) -> dict[str, Any]:
                 "reason": result.reason,
                 "evidence": list(result.evidence),
                 "requests": result.requests,
+                "planned_requests": planned.get(result.id, 0),
             }
             for result in results
         ],
@@ -126,7 +139,8 @@ def json_text(plan: Plan, results: Sequence[Result]) -> str:
 
 
 def to_junit(plan: Plan, results: Sequence[Result]) -> str:
-    """JUnit XML: one test case per check; SKIP is skipped, FAIL a failure, INFO a pass."""
+    """JUnit XML: one test case per check; SKIP is skipped, FAIL a failure, ERROR an error,
+    INFO a pass."""
     counts = _counts(results)
     suites = ET.Element("testsuites")
     suite = ET.SubElement(
@@ -136,7 +150,7 @@ def to_junit(plan: Plan, results: Sequence[Result]) -> str:
         tests=str(len(results)),
         failures=str(counts[Outcome.FAIL]),
         skipped=str(counts[Outcome.SKIP]),
-        errors="0",
+        errors=str(counts[Outcome.ERROR]),
     )
     for result in results:
         case = ET.SubElement(suite, "testcase", classname="retrysafe.check", name=result.id)
@@ -144,6 +158,9 @@ def to_junit(plan: Plan, results: Sequence[Result]) -> str:
         if result.outcome is Outcome.FAIL:
             failure = ET.SubElement(case, "failure", message=_xml(result.reason), type="FAIL")
             failure.text = _xml(evidence)
+        elif result.outcome is Outcome.ERROR:
+            error = ET.SubElement(case, "error", message=_xml(result.reason), type="ERROR")
+            error.text = _xml(evidence)
         elif result.outcome is Outcome.SKIP:
             ET.SubElement(case, "skipped", message=_xml(result.reason))
         else:

@@ -3,6 +3,12 @@ requests in flight, a timeout on each, and no check sending more than the plan s
 
 Every request goes through a :class:`Probe`, which counts it against its check's budget, gives
 it a key with the run's recognisable prefix, and notes its answer as evidence.
+
+What goes wrong on the way becomes a result, never a traceback: a request with no answer in
+time or a connection cut mid-answer fails its check (:class:`ProbeFailed`); an endpoint that
+cannot be reached, or an answer that cannot be read, ends the run with the check at hand as
+ERROR and the rest as not run (the baseline's is raised as :class:`TargetError`, since nothing
+was checked); a check going past its stated budget is an ERROR too (:class:`PlanExceeded`).
 """
 
 from __future__ import annotations
@@ -16,16 +22,30 @@ from urllib.parse import urlsplit
 import httpx
 
 from .exchange import Exchange
-from .plan import Outcome, Plan, PlannedCheck, Result, Target, TargetError, Verdict
+from .plan import (
+    Outcome,
+    Plan,
+    PlanExceeded,
+    PlannedCheck,
+    ProbeFailed,
+    Result,
+    Target,
+    TargetError,
+    Verdict,
+)
 
-__all__ = ["KEY_PREFIX", "Context", "Probe", "ProbeFailed", "TargetError", "run_plan"]
+__all__ = [
+    "KEY_PREFIX",
+    "Context",
+    "PlanExceeded",
+    "Probe",
+    "ProbeFailed",
+    "TargetError",
+    "run_plan",
+]
 
 KEY_PREFIX = "retrysafe-check-"
 USER_AGENT = "retrysafe-check"
-
-
-class ProbeFailed(Exception):
-    """A request got no usable answer (timeout, connection cut): the check fails with this."""
 
 
 @dataclass
@@ -101,7 +121,10 @@ class Probe:
         replaces the caller's header of that name, ``extra`` adds headers.
         """
         if self.sent >= self.budget:
-            raise RuntimeError(f"check {self.check_id} exceeded its planned {self.budget} requests")
+            raise PlanExceeded(
+                f"a bug of the checker: {self.check_id} would send more than the"
+                f" {self.budget} requests the plan stated; not sent, the run stops (please report)"
+            )
         self.sent += 1
         session = self._session
         spec = session.target
@@ -134,6 +157,14 @@ class Probe:
                 ) from None
             except httpx.TransportError as exc:
                 raise ProbeFailed(f"{label}: the connection failed: {exc!r}") from None
+            except httpx.HTTPError as exc:  # DecodingError: a body its Content-Encoding belies
+                raise TargetError(
+                    f"{label}: the answer cannot be read: {type(exc).__name__}: {exc}"
+                ) from None
+            except httpx.InvalidURL as exc:
+                raise TargetError(
+                    f"{label}: cannot send to {session.origin}{path}: {exc}"
+                ) from None
         exchange = Exchange(
             label=label,
             method=method,
@@ -149,14 +180,34 @@ class Probe:
         return exchange
 
     async def send_many(self, label: str, count: int, *, key: str) -> list[Exchange]:
-        """Send ``count`` copies at once (as at once as the concurrency bound allows)."""
-        return list(
-            await asyncio.gather(*(self.send(f"{label} {i + 1}", key=key) for i in range(count)))
-        )
+        """Send ``count`` copies at once (as at once as the concurrency bound allows).
+
+        If one fails, the others are cancelled and waited for before the failure is raised, so
+        that no request of this check is still in flight when the next check starts.
+        """
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self.send(f"{label} {i + 1}", key=key)) for i in range(count)
+                ]
+        except ExceptionGroup as failures:
+            raise _gravest(failures) from None
+        return [task.result() for task in tasks]
 
     def problem(self, exchange: Exchange) -> None:
         """Note a refusal, so that the ``problem-json`` check judges its form."""
         self.context.problems.append((self.check_id, exchange))
+
+
+def _gravest(failures: ExceptionGroup[Exception]) -> Exception:
+    """The failure of a group of requests that decides the check: the checker's own bug, then
+    the endpoint gone, then a request without an answer. Anything else is not expected, and
+    raised as it is."""
+    for kind in (PlanExceeded, TargetError, ProbeFailed):
+        for failure in failures.exceptions:
+            if isinstance(failure, kind):
+                return failure
+    raise failures
 
 
 async def run_plan(
@@ -165,8 +216,12 @@ async def run_plan(
     run_id: str | None = None,
     on_result: Callable[[Result], None] | None = None,
 ) -> list[Result]:
-    """Run every check of ``plan`` in order; raise :class:`TargetError` if the endpoint
-    cannot be checked at all."""
+    """Run every check of ``plan`` in order, one result for each.
+
+    Raise :class:`TargetError` if the endpoint cannot be checked at all (the baseline could
+    not finish). A check that cannot finish later is an ERROR result, and the checks after
+    it are reported as not run: what was found before is kept.
+    """
     target = plan.target
     context = Context(target, run_id or secrets.token_hex(4))
     limits = httpx.Limits(
@@ -181,8 +236,19 @@ async def run_plan(
         trust_env=False,
     ) as client:
         session = _Session(client, target)
+        stopped: str | None = None
         for planned in plan.checks:
-            result = await _run_one(planned, session, context)
+            if stopped is not None:
+                result = Result.of(
+                    planned.check, Verdict(Outcome.SKIP, f"not run: the run stopped at {stopped}"),
+                    [], 0,
+                )  # fmt: skip
+            else:
+                result = await _run_one(planned, session, context)
+                if result.outcome is Outcome.ERROR:
+                    if not results:
+                        raise TargetError(result.reason)
+                    stopped = result.id
             context.results[planned.check.id] = result
             results.append(result)
             if on_result is not None:
@@ -199,4 +265,6 @@ async def _run_one(planned: PlannedCheck, session: _Session, context: Context) -
         verdict = await check.run(context, probe)
     except ProbeFailed as exc:
         verdict = Verdict(Outcome.FAIL, str(exc))
+    except (TargetError, PlanExceeded) as exc:
+        verdict = Verdict(Outcome.ERROR, str(exc))
     return Result.of(check, verdict, probe.evidence, probe.sent)
