@@ -157,13 +157,16 @@ async def _read_body(request: RequestView, receive: Receive, policy: Policy) -> 
         message = await receive()
         if message["type"] != "http.request":
             raise _Disconnected
-        chunk = message.get("body", b"")
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             return None
-        chunks.append(chunk)
         if not message.get("more_body", False):
+            if not chunks:
+                return chunk  # the common case: the whole body in one message
+            chunks.append(chunk)
             return b"".join(chunks)
+        chunks.append(chunk)
 
 
 class _Responder:

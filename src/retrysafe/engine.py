@@ -89,11 +89,9 @@ def record_id(namespace: bytes, scope: str | bytes | int | None, key: str) -> tu
         raw = scope
     else:  # a str, or a user or tenant id of any other type
         raw = str(scope).encode("utf-8", "surrogatepass")
-    digest = hashlib.sha256(namespace)
-    digest.update(b"\0%d\0" % len(raw) + raw)
-    tag = digest.copy().digest()[:8]
-    digest.update(b"\0" + key.encode("ascii"))
-    return digest.digest(), tag
+    scoped = b"%s\0%d\0%s" % (namespace, len(raw), raw)
+    tag = hashlib.sha256(scoped).digest()[:8]
+    return hashlib.sha256(b"%s\0%s" % (scoped, key.encode("ascii"))).digest(), tag
 
 
 class EngineOptions(PolicyOptions, total=False):

@@ -79,9 +79,10 @@ class MemoryStore(Store):
             if record is None:
                 return False
             now = self._clock()
-            self._records[rid] = replace(
-                record, state=state, response=response, lease_until=now, expires_at=now + ttl
-            )
+            self._records[rid] = Record(
+                state, token, record.fingerprint, now, now + ttl, response, record.scope,
+                record.created_at,
+            )  # fmt: skip
             return True
 
     async def release(self, rid: bytes, token: int) -> bool:
