@@ -12,6 +12,10 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -278,3 +282,45 @@ def test_the_key_header_any_case_is_refused_even_on_dry_run(
     assert status == 2
     assert out == ""
     assert_one_line(err, "drop this header")
+
+
+def test_ctrl_c_mid_run_keeps_the_report_of_the_checks_done(tmp_path: Path) -> None:
+    """Ctrl-C mid-run prints and writes the checks done, the interrupted one as ERROR, status 2."""
+    app = IdempotencyMiddleware(PaymentsApp(), store="memory://")
+    seen = 0
+    stalled = threading.Event()
+
+    async def stalls_at_the_fourth(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal seen
+        if scope["type"] == "http":
+            seen += 1
+            if seen == 4:
+                stalled.set()
+                await hangs(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    report = tmp_path / "report.json"
+    with serve_in_thread(stalls_at_the_fourth) as base:
+        checker = subprocess.Popen(
+            [sys.executable, "-m", "retrysafe", "check", base + "/v1/charges", "-d", DATA,
+             "--yes", "--only", "replay,malformed-key", "--json", str(report)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert stalled.wait(30), "the checker never sent its fourth request"
+            checker.send_signal(signal.SIGINT)
+            out, err = checker.communicate(timeout=30)
+        finally:
+            checker.kill()
+    assert checker.returncode == 2, (out, err)
+    assert "Traceback" not in err
+    document = json.loads(report.read_text())
+    results = outcomes(document)
+    assert results["baseline"] == "INFO"
+    assert results["replay"] == "PASS"
+    interrupted = [c for c in document["checks"] if c["result"] == "ERROR"]
+    assert [c["reason"] for c in interrupted] == ["interrupted before it finished"]
+    assert interrupted[0]["requests"] >= 1  # what it had sent is counted
+    assert out.rstrip().endswith(": INCOMPLETE")
+    assert_one_line(err, f"{interrupted[0]['id']}: interrupted before it finished")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .plan import CHECKS, Outcome, Plan, Target, make_plan
+from .plan import CHECKS, Outcome, Plan, Result, Target, Verdict, make_plan
 
 __all__ = ["add_parser"]
 
@@ -309,10 +309,15 @@ def _check_or_raise(args: argparse.Namespace) -> int:
         return 0
     if not args.yes and not _confirmed(plan):
         raise UsageError("not confirmed; nothing sent")
+    finished: list[Result] = []
     try:
-        results = asyncio.run(run_plan(plan, run_id=run_id))
+        results = asyncio.run(run_plan(plan, run_id=run_id, on_result=finished.append))
     except TargetError as exc:
         raise UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        if not finished:
+            raise
+        results = _interrupted(plan, finished)
     colour = _colour()
     print()
     print(report.table(results, colour=colour, verbose=args.verbose))
@@ -331,6 +336,19 @@ def _check_or_raise(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     return status
+
+
+def _interrupted(plan: Plan, finished: list[Result]) -> list[Result]:
+    """The report of a run stopped by Ctrl-C: the checks done, the one interrupted (ERROR,
+    with what it had sent), then the rest as not run."""
+    results = finished[:]
+    for planned in plan.checks[len(finished) :]:
+        if results[-1].outcome is Outcome.ERROR:
+            verdict = Verdict(Outcome.SKIP, "not run: the run was interrupted")
+        else:  # stopped between two checks
+            verdict = Verdict(Outcome.ERROR, "interrupted before it finished")
+        results.append(Result.of(planned.check, verdict, [], 0))
+    return results
 
 
 def _write(path: str, text: str) -> None:

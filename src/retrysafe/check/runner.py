@@ -244,7 +244,7 @@ async def run_plan(
                     [], 0,
                 )  # fmt: skip
             else:
-                result = await _run_one(planned, session, context)
+                result = await _run_one(planned, session, context, on_result)
                 if result.outcome is Outcome.ERROR:
                     if not results:
                         raise TargetError(result.reason)
@@ -256,13 +256,24 @@ async def run_plan(
     return results
 
 
-async def _run_one(planned: PlannedCheck, session: _Session, context: Context) -> Result:
+async def _run_one(
+    planned: PlannedCheck,
+    session: _Session,
+    context: Context,
+    on_result: Callable[[Result], None] | None = None,
+) -> Result:
     check = planned.check
     if planned.skip is not None:
         return Result.of(check, Verdict(Outcome.SKIP, planned.skip), [], 0)
     probe = Probe(session, context, check.id, planned.requests)
     try:
         verdict = await check.run(context, probe)
+    except asyncio.CancelledError:
+        # Interrupted (Ctrl-C): the report still says what this check had sent.
+        if on_result is not None:
+            interrupted = Verdict(Outcome.ERROR, "interrupted before it finished")
+            on_result(Result.of(check, interrupted, probe.evidence, probe.sent))
+        raise
     except ProbeFailed as exc:
         verdict = Verdict(Outcome.FAIL, str(exc))
     except (TargetError, PlanExceeded) as exc:
