@@ -27,6 +27,7 @@ from retrysafe.stores import SQLiteStore
 from retrysafe.stores.sqlite import (
     GROUP_PAUSE,
     GROUP_SAMPLE,
+    LARGE_WRITE,
     PURGE_BATCH,
     _Checkpointer,
     _is_busy,
@@ -226,6 +227,50 @@ async def test_purge_runs_in_a_worker_thread(ledger: str) -> None:
         assert await store.purge_expired() == 3
         assert clock.threads
         assert threading.get_ident() not in clock.threads
+
+
+async def test_a_large_response_is_written_from_a_worker_thread(ledger: str) -> None:
+    """A completion past LARGE_WRITE is written off the event loop, fenced, and replayable."""
+    clock = FakeClock()
+    big, small = os.urandom(LARGE_WRITE + 1), b"small response"
+    async with SQLiteStore(ledger, clock=clock) as store:
+        first, second, third = rid(), rid(), rid()
+        for r in (first, second, third):
+            assert await store.claim(r, 7, FP, LONG, LONG) is None
+        clock.threads.clear()
+        assert await store.complete(first, 7, State.DONE, big, LONG)
+        assert threading.get_ident() not in clock.threads
+        assert not await store.complete(second, 8, State.DONE, big, LONG)  # not its token
+        clock.threads.clear()
+        assert await store.complete(third, 7, State.DONE, small, LONG)
+        assert clock.threads == {threading.get_ident()}  # small ones stay inline
+        record = await store.claim(first, 9, FP, LONG, LONG)
+        assert record is not None
+        assert (record.state, record.response) == (State.DONE, big)
+        record = await store.claim(second, 9, FP, LONG, LONG)
+        assert record is not None
+        assert (record.state, record.token) == (State.IN_FLIGHT, 7)
+
+
+async def test_a_large_write_waits_out_another_writers_lock(ledger: str) -> None:
+    """A large completion waits for another connection's write lock, then lands (no 503)."""
+    async with SQLiteStore(ledger, busy_timeout=30) as store:
+        held = rid()
+        assert await store.claim(held, 7, FP, LONG, LONG) is None
+        other = sqlite3.connect(ledger, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # the write lock, as another worker would hold it
+        try:
+            completion = asyncio.ensure_future(
+                store.complete(held, 7, State.DONE, os.urandom(LARGE_WRITE + 1), LONG)
+            )
+            for _ in range(50):  # the loop keeps turning meanwhile
+                await asyncio.sleep(0.001)
+            assert not completion.done()
+            assert await store.get(rid()) is None  # reads go on beside it (WAL)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert await completion
 
 
 async def test_purge_deletes_in_batches_of_at_most_a_hundred(

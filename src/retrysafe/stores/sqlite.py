@@ -10,10 +10,10 @@ hop to a thread. That has costs to know about:
   whole loop waits for the disk. The default ``NORMAL`` survives process crashes; a power
   loss may undo the last commits. It syncs only at checkpoints, which a background thread
   runs.
-* Responses are written inline as well: a response of several MiB is copied into the file
-  on the event loop.
-* :meth:`SQLiteStore.purge_expired` is the exception: it runs in a worker thread, on a
-  connection of its own, in batches of at most 100 rows.
+* Two exceptions run in a worker thread, each on a short-lived connection of its own:
+  :meth:`SQLiteStore.purge_expired`, in batches of at most 100 rows, and a completion whose
+  response is larger than :data:`LARGE_WRITE` (256 KiB), which would otherwise hold the loop
+  for milliseconds while it is copied into the file.
 
 SQLite's own busy handler would stall the event loop, so it is off inline; a busy database is
 retried here with asynchronous backoff, and past ``busy_timeout`` it becomes
@@ -53,6 +53,8 @@ GROUP_COMMIT_MAX = 64
 """Most writes one transaction carries: the write lock is never held for long."""
 GROUP_SAMPLE, GROUP_WORTHWHILE, GROUP_PAUSE = 32, 1.5, 256
 """Group commits looked at; writes per commit below which grouping stops; writes it stops for."""
+LARGE_WRITE = 256 << 10
+"""A completion carrying a response larger than this is written from a worker thread."""
 PURGE_BATCH = 100
 """Most rows one purge statement deletes: the write lock is never held for long."""
 _COLUMNS = "state, token, fingerprint, lease_until, expires_at, response, scope, created_at"
@@ -102,6 +104,8 @@ def _before_fork() -> None:
         held.append(store._lock)
         store._purge_lock.acquire()  # waits for a running purge to close its connection
         held.append(store._purge_lock)
+        store._apart_lock.acquire()  # and for a large write in a worker thread
+        held.append(store._apart_lock)
         try:
             store._close()
         except Exception:  # pragma: no cover - a fork must not fail for a ledger
@@ -130,8 +134,9 @@ class SQLiteStore(Store):
     """A ledger in one SQLite file. Safe for many processes on one host; not for network disks.
 
     Its statements run inline on the event loop (see the module's notes on ``synchronous`` and
-    large responses), except :meth:`purge_expired`. Safe across ``fork()``: connections are
-    closed before a fork and reopened lazily. Needs SQLite 3.35 or newer.
+    large responses), except :meth:`purge_expired` and the completion of a large response.
+    Safe across ``fork()``: connections are closed before a fork and reopened lazily. Needs
+    SQLite 3.35 or newer.
     """
 
     def __init__(
@@ -167,6 +172,7 @@ class SQLiteStore(Store):
         """Each connection to such a path is a database of its own."""
         self._lock = threading.Lock()
         self._purge_lock = threading.Lock()
+        self._apart_lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._checkpointer: _Checkpointer | None = None
         self._queues: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
@@ -448,6 +454,8 @@ class SQLiteStore(Store):
             args = (int(state), response, now, now + ttl, rid, token)
             return conn.execute(self._sql_complete, args).rowcount == 1
 
+        if response is not None and len(response) > LARGE_WRITE and not self._private:
+            return await asyncio.to_thread(self._apart, op, " (writing a large response)")
         return await self._write(op)
 
     async def release(self, rid: bytes, token: int) -> bool:
@@ -483,6 +491,23 @@ class SQLiteStore(Store):
                 lambda conn: conn.execute(self._sql_purge, (self._clock(), limit)).rowcount
             )
         return await asyncio.to_thread(self._purge, limit)
+
+    def _apart(self, operation: Callable[[sqlite3.Connection], T], what: str) -> T:
+        """Run ``operation`` in this worker thread, on a short-lived connection of its own.
+
+        Copying MiBs into the file takes milliseconds: done inline it would hold the event
+        loop (and, through ``_lock``, every other statement) that long. Here SQLite's own busy
+        handler waits for the write lock, up to ``busy_timeout``; a fork waits for it to end.
+        """
+        with self._apart_lock:  # _before_fork waits for this connection to be closed
+            try:
+                conn = self._connect(busy_timeout=self.busy_timeout)
+                try:
+                    return operation(conn)
+                finally:
+                    conn.close()
+            except sqlite3.Error as exc:
+                raise self._error(exc, what) from exc
 
     def _purge(self, limit: int) -> int:
         deleted = 0
