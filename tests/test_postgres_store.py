@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
@@ -299,6 +299,25 @@ async def test_the_claim_race_always_answers_one_winner_and_the_record(pg_url: s
     finally:
         for handle in handles:
             await handle.aclose()
+
+
+@pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
+async def test_the_claim_race_answers_the_record_under_a_stricter_default_isolation(
+    pg_url: str, isolation: str
+) -> None:
+    """With default_transaction_isolation above READ COMMITTED, racing claims still get one
+    winner and the winner's record (a lost race is looked at again, never a StoreBusy)."""
+    setting = quote(f"-c default_transaction_isolation={isolation.replace(' ', chr(92) + ' ')}")
+    url = with_options(pg_url, max_size=16, options=setting)
+    async with opened(url) as store:
+        for _ in range(15):
+            r = rid()
+            tokens = [token() for _ in range(16)]
+            results = await asyncio.gather(*(store.claim(r, t, FP, LONG, LONG) for t in tokens))
+            winners = [t for t, found in zip(tokens, results, strict=True) if found is None]
+            assert len(winners) == 1
+            for found in results:
+                assert found is None or (found.token, found.state) == (winners[0], State.IN_FLIGHT)
 
 
 async def test_a_replay_writes_nothing(pg_url: str) -> None:

@@ -23,12 +23,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import redis
 from conftest import fresh_url, require_server
-from servers import fork_child, free_port, poll_until, serve_in_thread
+from servers import Relay, fork_child, free_port, poll_until, serve_in_thread
 
 from retrysafe import (
     ConfigError,
@@ -760,6 +761,49 @@ async def test_wait_polls_when_subscribing_is_refused(tmp_path: Path) -> None:
                 await asyncio.wait_for(store.wait(r, 30), HANG)  # a poll interval each
         finally:
             await store.aclose()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Until ``condition()`` holds (bounded by the caller)."""
+    while not condition():  # noqa: ASYNC110 - the store's own state: nothing to await
+        await asyncio.sleep(0.01)
+
+
+def subscribed(store: RedisStore, r: bytes) -> bool:
+    """Whether a subscriber connection of ``store`` has confirmed the channel of ``r``."""
+    channel = record_key(store, r).encode()
+    return any(channel in sub._confirmed for sub in store._current_link().subscribers.values())
+
+
+async def test_a_silent_subscriber_is_replaced_and_waiting_goes_on(tmp_path: Path) -> None:
+    """A subscriber connection that never answers (a dead peer, no reset) is dropped: the wait
+    falls back to polling instead of sleeping out its timeout, and the next wait is notified."""
+    url = fresh_url("redis", tmp_path)
+    parts = urlsplit(url)
+    relay = Relay(parts.hostname or "127.0.0.1", parts.port or 6379)
+    relayed = parts._replace(netloc=f"127.0.0.1:{relay.port}").geturl() + "&timeout=0.5"
+    store, direct = open_store(relayed), open_store(url)
+    assert isinstance(store, RedisStore)
+    try:
+        r, t = rid(), token()
+        assert await bounded(direct.claim(r, t, FP, LONG, LONG)) is None
+        assert await bounded(store.get(r)) is not None  # the command connection is up
+        relay.cut("stall")  # the subscriber connection opened now is never relayed
+        waiting = asyncio.ensure_future(store.wait(r, 120))
+        await bounded(until(lambda: bool(store._current_link().subscribers)))
+        relay.restore()  # new connections work again; the silent one stays silent
+        assert await bounded(direct.complete(r, t, State.DONE, b"done", LONG))
+        await bounded(waiting)  # before: slept out its 120 s
+        r2, t2 = rid(), token()
+        assert await bounded(direct.claim(r2, t2, FP, LONG, LONG)) is None
+        waiting = asyncio.ensure_future(store.wait(r2, 120))
+        await bounded(until(lambda: subscribed(store, r2)))
+        assert await bounded(direct.release(r2, t2))
+        await bounded(waiting)  # notified on a new subscriber connection
+    finally:
+        await store.aclose()
+        await direct.aclose()
+        relay.close()
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ ttls, then ``asyncio.sleep``); no test asserts how long anything took.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import threading
@@ -379,6 +380,26 @@ async def test_delete_removes_any_record(store: Store) -> None:
     assert await store.get(done) is None
     assert not await store.delete(flying)
     assert await store.claim(done, token(), FP, LONG, LONG) is None
+
+
+@pytest.mark.parametrize("forever", [1e17, math.inf])
+async def test_a_huge_or_infinite_lease_and_ttl_keep_the_record(
+    store: Store, forever: float
+) -> None:
+    """A lease or ttl of 1e17 s or infinity ("forever") holds the claim, renewal and outcome."""
+    r, t = rid(), token()
+    assert await store.claim(r, t, FP, forever, forever) is None
+    held = await store.claim(r, token(), FP, forever, forever)
+    assert held is not None
+    assert held.token == t
+    assert await store.renew(r, t, forever)
+    assert await store.complete(r, t, State.DONE, b"kept", forever)
+    record = await store.get(r)
+    assert record is not None
+    assert record.response == b"kept"
+    replay = await store.claim(r, token(), FP, forever, forever)
+    assert replay is not None
+    assert replay.token == t
 
 
 async def test_wait_returns(store: Store) -> None:

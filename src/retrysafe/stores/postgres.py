@@ -818,7 +818,12 @@ class PostgresStore(Store):
 
         async def op(conn: _Connection) -> Any:
             for _ in range(CLAIM_ATTEMPTS):
-                row = await conn.fetchrow(self._sql_claim, *args)
+                try:
+                    row = await conn.fetchrow(self._sql_claim, *args)
+                except asyncpg.SerializationError:
+                    # The same race under REPEATABLE READ or SERIALIZABLE (a server or
+                    # role default): the next statement's snapshot sees the winner.
+                    continue
                 if row is not None:
                     return row
             return None

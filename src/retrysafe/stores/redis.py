@@ -30,7 +30,8 @@ come from ``redis.call('TIME')`` inside the scripts, never from the client's clo
 ``expires_at``: Redis reclaims the memory by itself, with no sweeper needed, while the logical
 expiry stays the one that counts. During the grace an expired record is still visible to
 :meth:`RedisStore.stats` (as ``expired``) and :meth:`RedisStore.purge_expired` deletes it,
-which gives those two the meaning they have for every other store. ``purge_expired`` is a
+which gives those two the meaning they have for every other store. Leases and ttls longer
+than ``MAX_SECONDS`` (about 31,700 years; infinity too) are cut to it. ``purge_expired`` is a
 ``SCAN`` sweep that resumes where the previous call stopped and looks at a bounded number of
 keys per call, so the engine's periodic purge stays cheap on a large keyspace.
 
@@ -49,8 +50,9 @@ the script's ``SPUBLISH`` fails harmlessly (``pcall``) and waiting falls back to
 subscriber connection per node and event loop serves every waiter; after subscribing, the
 waiter reads the record once more, so a completion that landed before the subscription is not
 missed, and it also wakes when the holder's lease ends (a dead holder sends no notice). If
-subscribing fails, :meth:`RedisStore.wait` polls (``poll_interval``). It always returns by its
-timeout.
+subscribing fails, or is not confirmed within ``timeout`` (the subscriber connection is then
+dropped and opened anew by the next waiter), :meth:`RedisStore.wait` polls
+(``poll_interval``). It always returns by its timeout.
 
 **Connections** are :mod:`retrysafe.stores._resp` connections, one per node and event loop,
 shared by all concurrent operations (commands are pipelined). A connection found closed is
@@ -86,7 +88,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ..errors import ConfigError, CorruptRecord, StoreBusy, StoreError, StoreUnavailable
 from ..records import Record, State
-from ._resp import Connection, Reply, ReplyError, command, connect, key_slot
+from ._resp import Connection, ConnectionLost, Reply, ReplyError, command, connect, key_slot
 from .base import Store, StoreStats
 
 __all__ = ["EXPIRY_GRACE", "UNREADABLE_TOKEN", "RedisStore"]
@@ -104,6 +106,10 @@ SCAN_COUNT = 1000
 PURGE_SCAN_BUDGET = 100
 """Most ``SCAN`` steps one :meth:`RedisStore.purge_expired` call takes (about 100k keys)."""
 MAX_REDIRECTS = 5
+MAX_SECONDS = 1e12
+"""The longest lease or ttl the scripts are given (about 31,700 years): longer ones, and
+infinity, are cut to it. Past it the times a script writes would be read back as corrupt
+(``num``), and ``PEXPIREAT``'s milliseconds would overflow and delete the record at once."""
 
 _SCHEMES = {
     "redis": (False, False),
@@ -522,14 +528,15 @@ _numbers: dict[float, bytes] = {}
 
 
 def _number(value: float) -> bytes:
-    """``value`` as the decimal a Lua ``tonumber`` reads (leases and ttls repeat: cached)."""
+    """``value`` (at most ``MAX_SECONDS``) as the decimal a Lua ``tonumber`` reads (leases and
+    ttls repeat: cached)."""
     encoded = _numbers.get(value)
     if encoded is None:
-        if not math.isfinite(value):
-            raise ValueError(f"not a finite number of seconds: {value}")
+        if math.isnan(value):
+            raise ValueError(f"not a number of seconds: {value}")
         if len(_numbers) > 256:
             _numbers.clear()
-        encoded = _numbers[value] = repr(float(value)).encode()
+        encoded = _numbers[value] = repr(float(min(value, MAX_SECONDS))).encode()
     return encoded
 
 
@@ -1148,7 +1155,15 @@ class RedisStore(Store):
             subscriber = link.subscribers[addr]
         waiter = subscriber.watch(key)
         try:
-            await waiter.ready
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await waiter.ready
+            except TimeoutError:
+                # A silent subscriber (a peer gone without a reset, a dropped NAT mapping):
+                # drop it, so that the next waiter opens a new one; this one polls.
+                why = f"{_node_name(addr)}: no answer to a subscription in {self.timeout:g} s"
+                subscriber.conn.abort(ConnectionLost(why))
+                raise ConnectionLost(why) from None
             # Subscribed: a change from now on is notified. Look once more, in case the
             # record changed before the subscription took effect.
             reply = await self._run(self._scripts.get, key, ())
