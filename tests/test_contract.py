@@ -144,7 +144,7 @@ async def call_raw(
         "method": method,
         "scheme": "http",
         "path": path,
-        "raw_path": path.encode(),
+        "raw_path": path.encode("utf-8", "surrogatepass"),
         "query_string": b"",
         "root_path": "",
         "headers": headers,
@@ -1469,3 +1469,98 @@ async def test_problem_details_name_the_configured_header(store_url: str) -> Non
     async with serve(app, store_url, header="X-Request-Key", require_key=True) as (client, _):
         response = await client.post("/o", json={})
     assert "X-Request-Key" in assert_problem(response, "missing-key", 400)["detail"]
+
+
+# -- found in review ------------------------------------------------------------------------------
+
+
+async def test_headers_given_as_a_generator_reach_the_client_and_the_replay() -> None:
+    """Response headers given as a one-shot iterable reach the client, and replay the same."""
+    calls = 0
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal calls
+        calls += 1
+        await receive()
+        pairs = [(b"content-type", b"text/plain"), (b"location", b"/orders/1")]
+        headers = ((name, value) for name, value in pairs)  # ASGI allows any iterable
+        await send({"type": "http.response.start", "status": 201, "headers": headers})
+        await send({"type": "http.response.body", "body": b"created"})
+
+    async with serve(app, "memory://") as (client, _):
+        first = await client.post("/o", headers=key(), content=b"x")
+        replay = await client.post("/o", headers=key(), content=b"x")
+    assert first.headers.get("location") == "/orders/1"
+    assert_replay_of(replay, first)
+    assert [(n.lower(), v) for n, v in replay.headers.raw][:-1] == [
+        (n.lower(), v) for n, v in first.headers.raw
+    ]
+    assert calls == 1
+
+
+async def test_a_path_with_a_lone_surrogate_is_no_500() -> None:
+    """A decoded path holding a lone surrogate is fingerprinted and replayed, not a 500."""
+    app = Counting()
+    middleware = IdempotencyMiddleware(app, store="memory://")
+    headers = [(b"idempotency-key", b"surrogate-1")]
+    try:
+        first = await call_raw(middleware, "POST", "/o\ud800", headers, b"{}")
+        second = await call_raw(middleware, "POST", "/o\ud800", headers, b"{}")
+    finally:
+        await middleware.aclose()
+    assert first[0] == 200
+    assert (second[0], second[2]) == (first[0], first[2])
+    assert (REPLAYED.encode(), b"true") in second[1]
+    assert app.calls == 1
+
+
+async def test_a_reused_body_buffer_is_replayed_as_sent() -> None:
+    """Chunks sent from one reused bytearray are stored as they were sent, not as it ends."""
+    calls = 0
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal calls
+        calls += 1
+        await receive()
+        buffer = bytearray(4)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for part in (b"aaaa", b"bbbb", b"cccc"):
+            buffer[:] = part  # a server copies each chunk as it writes it (uvicorn does)
+            await send({"type": "http.response.body", "body": buffer, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    middleware = IdempotencyMiddleware(app, store="memory://")
+
+    async def post() -> tuple[Headers, bytes]:
+        scope: Scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "method": "POST",
+            "path": "/o",
+            "query_string": b"",
+            "headers": [(b"idempotency-key", b"buffer-1")],
+        }
+        received: list[bytes] = []
+        start: list[Headers] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                start.append(list(message["headers"]))
+            else:
+                received.append(bytes(message.get("body", b"")))  # written out now
+
+        await middleware(scope, receive, send)
+        return start[0], b"".join(received)
+
+    try:
+        _, first = await post()
+        replay_headers, replay = await post()
+    finally:
+        await middleware.aclose()
+    assert first == b"aaaabbbbcccc"
+    assert (REPLAYED.encode(), b"true") in replay_headers
+    assert replay == first
+    assert calls == 1

@@ -224,7 +224,13 @@ class _Responder:
         kind = message["type"]
         final = False
         if kind == "http.response.start":
-            self.execution.start(message["status"], message.get("headers", ()))
+            headers = message.get("headers", ())
+            if not isinstance(headers, list | tuple):
+                # ASGI allows any iterable: read a one-shot one (a generator) once, for both
+                # the ledger and the server, or the client would get no headers at all.
+                headers = list(headers)
+                message = {**message, "headers": headers}
+            self.execution.start(message["status"], headers)
         elif kind == "http.response.body":
             self.execution.feed(message.get("body", b""))
             if not message.get("more_body", False):

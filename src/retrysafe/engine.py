@@ -441,7 +441,9 @@ class Execution:
         if self._size > self.policy.max_response_body:
             self._body = None
         elif chunk:
-            self._body.append(chunk)
+            # Copy a mutable buffer (bytearray, memoryview): the app may reuse it for the next
+            # chunk once the server has written this one, which would change the stored copy.
+            self._body.append(chunk if type(chunk) is bytes else bytes(chunk))
 
     async def finish(self) -> None:
         """The response is complete: store it if its status is final, else release the key."""

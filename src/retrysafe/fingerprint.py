@@ -94,7 +94,10 @@ def default_fingerprint(request: RequestView, exclude: Collection[str] = ()) -> 
     if body and _is_json(request.header(b"content-type")):
         body = canonical_json(body, exclude) or body
     method = request.method.encode()
-    path = request.path.encode("utf-8", "surrogateescape")
+    try:
+        path = request.path.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte: never a 500
+        path = request.path.encode("utf-8", "surrogatepass")
     query = request.query
     head = b"%b%b%b%b%b%b" % (_size(method), method, _size(path), path, _size(query), query)
     digest = hashlib.sha256(head)
