@@ -17,13 +17,15 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 from servers import TESTS_DIR, free_port, poll_until
 
-__all__ = ["DropRelay", "Process", "Upstream", "run_gateway", "run_upstream", "stop"]
+__all__ = [
+    "DropRelay", "Process", "RawUpstream", "Upstream", "run_gateway", "run_upstream", "stop",
+]  # fmt: skip
 
 
 @dataclass
@@ -256,6 +258,118 @@ class DropRelay:
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+Step = bytes | str
+"""One step of a :class:`RawUpstream` script: bytes are written as they are; ``"early"``
+(first only) answers before the request body is read; ``"wait"`` waits for ``proceed()``;
+``"close"`` closes the connection; ``"hang"`` never goes on."""
+
+
+@dataclass
+class RawUpstream:
+    """A scripted HTTP/1.1 upstream on loopback that answers with exactly the bytes a test gives.
+
+    It reads each request (head, then a Content-Length or chunked body, as a real server
+    would, even after answering early), notes ``(connection number, request line)`` in
+    ``requests``, and plays ``answers[first path segment]`` (default: a 200 ``ok``). Runs
+    in a thread of the test process, like :class:`DropRelay`.
+    """
+
+    answers: dict[str, list[Step]] = field(default_factory=dict)
+    requests: list[tuple[int, bytes]] = field(default_factory=list)
+    played: threading.Event = field(default_factory=threading.Event)
+    """Set when a script has played its last step."""
+
+    OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    def __post_init__(self) -> None:
+        self._connections = 0
+        self.loop = asyncio.new_event_loop()
+        self._go = asyncio.Event()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._serve, "127.0.0.1", 0), self.loop
+        ).result(30)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def proceed(self) -> None:
+        """Let a script waiting at ``"wait"`` go on."""
+        self.loop.call_soon_threadsafe(self._go.set)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections += 1
+        number = self._connections
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                line = head.split(b"\r\n", 1)[0]
+                self.requests.append((number, line))
+                parts = line.split(b" ")
+                if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+                    return  # out of step: not a request line
+                name = parts[1].decode("latin-1").strip("/").split("/")[0]
+                script = self.answers.get(name, [self.OK])
+                early = script[:1] == ["early"]
+                if not early:
+                    await self._read_body(head, reader)
+                if not await self._play(script, writer):
+                    return
+                if early:
+                    await self._read_body(head, reader)
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+            ValueError,
+        ):
+            pass
+        finally:
+            writer.transport.abort()
+
+    async def _play(self, script: list[Step], writer: asyncio.StreamWriter) -> bool:
+        """Play a script; False when it closed the connection."""
+        try:
+            for step in script:
+                if isinstance(step, bytes):
+                    writer.write(step)
+                    await writer.drain()
+                elif step == "wait":
+                    await self._go.wait()
+                    self._go.clear()
+                elif step == "close":
+                    writer.close()
+                    return False
+                elif step == "hang":
+                    await asyncio.sleep(3600)
+            return True
+        finally:
+            self.played.set()
+
+    @staticmethod
+    async def _read_body(head: bytes, reader: asyncio.StreamReader) -> None:
+        length = re.search(rb"(?im)^content-length:[ \t]*(\d+)", head)
+        if length:
+            await reader.readexactly(int(length.group(1)))
+        elif re.search(rb"(?im)^transfer-encoding:.*chunked", head):
+            while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                await reader.readexactly(size + 2)
+            while await reader.readuntil(b"\r\n") != b"\r\n":
+                pass  # trailers
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()

@@ -113,6 +113,26 @@ def test_hop_by_hop_headers_are_dropped_and_forwarding_headers_set(
     assert response.headers["via"] == "1.1 retrysafe"
 
 
+def test_client_forwarding_claims_never_reach_the_upstream(gateway: tuple[str, Path]) -> None:
+    """X-Real-IP and X-Forwarded-Port/-Prefix/-Server/-Host/-Proto from the client are dropped
+    (an upstream trusting its proxy would believe them); only the gateway's own are sent."""
+    url, _ = gateway
+    headers = [
+        ("X-Real-IP", "203.0.113.9"), ("X-Forwarded-Port", "443"),
+        ("X-Forwarded-Prefix", "/admin"), ("X-Forwarded-Server", "evil"),
+        ("X-Forwarded-Host", "evil.example"), ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-For", "203.0.113.9"),
+    ]  # fmt: skip
+    received = echo(httpx.get(url + "/claims", headers=headers))["headers"]
+    assert isinstance(received, list)
+    seen = {name: value for name, value in received}
+    for name in ("x-real-ip", "x-forwarded-port", "x-forwarded-prefix", "x-forwarded-server"):
+        assert name not in seen, name
+    assert seen["x-forwarded-host"] == url.removeprefix("http://")
+    assert seen["x-forwarded-proto"] == "http"
+    assert seen["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+
+
 def test_raw_path_and_query_are_forwarded_unchanged(gateway: tuple[str, Path]) -> None:
     """Percent-encoding in the path and query reaches the upstream as the client wrote it."""
     url, _ = gateway

@@ -154,6 +154,8 @@ class Proxy:
                 elif name == b"forwarded":
                     forwarded = forwarded + b", " + value if forwarded else value
                 continue
+            if name.startswith(b"x-forwarded-") or name == b"x-real-ip":
+                continue  # the client's claims (port, prefix, ...): only the gateway's are sent
             lines += (name, b": ", value, b"\r\n")
         client = scope.get("client")
         client_ip = client[0].encode() if client else b"unknown"
@@ -244,19 +246,22 @@ class Proxy:
         """Send the request body as it arrives (chunked when its length is unknown)."""
         chunk = first
         more = True
-        while True:
+        while not conn.head_done:
             if chunk:
                 await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
-            if not more or conn.head_done:
-                break  # all sent, or the upstream answered early (it will not read the rest)
+            if not more:
+                if chunked:
+                    await conn.write(b"0\r\n\r\n")
+                return
             message = await receive()
             if message["type"] != "http.request":
                 conn.abort()
                 raise UpstreamClosed("the client left while sending its request body")
             chunk = message.get("body", b"")
             more = message.get("more_body", False)
-        if chunked and not conn.head_done:
-            await conn.write(b"0\r\n\r\n")
+        # The upstream answered before the whole body was sent: it will not read the rest, and
+        # the connection stops in the middle of a request, so it must never carry another one.
+        conn.keep_alive = False
 
     # -- the response -----------------------------------------------------------------------------
 
@@ -282,8 +287,8 @@ class Proxy:
             while True:
                 data = conn.take_body()
                 if conn.complete:
-                    self.pool.release(conn)
                     await send({"type": "http.response.body", "body": data, "more_body": False})
+                    self.pool.release(conn)  # only now: a failed send must not abort a pooled one
                     return
                 if data:
                     await send({"type": "http.response.body", "body": data, "more_body": True})

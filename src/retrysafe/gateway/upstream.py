@@ -34,6 +34,9 @@ __all__ = [
 HIGH_WATER = 256 << 10
 """Response bytes buffered from the upstream before its socket stops being read."""
 LOW_WATER = 64 << 10
+MAX_HEAD = 64 << 10
+"""Bytes the upstream may send before its final response head is complete (interim 1xx
+responses included): past this, its answer is refused as malformed."""
 
 
 class UpstreamError(Exception):
@@ -90,6 +93,7 @@ class Connection(asyncio.Protocol):
         self.received = False
         """Whether any byte of this exchange's response arrived."""
         self.error: UpstreamError | None = None
+        self._head_bytes = 0
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._last_read = 0.0
@@ -101,14 +105,30 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
+        if self.complete:
+            # Bytes after the response (or while idle in the pool) answer no request: the
+            # connection is out of step and must carry nothing more.
+            self.abort()
+            return
         self.received = True
         self._last_read = self.loop.time()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamBadResponse(f"the upstream's response is not HTTP/1.1: {exc}"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # A callback's own refusal (httptools wraps it) says best what was wrong.
+            refusal = exc.__context__
+            if not isinstance(refusal, UpstreamError):
+                refusal = UpstreamBadResponse(f"the upstream's response is not HTTP/1.1: {exc}")
+            self._fail(refusal)
             self.abort()
             return
+        if not self.head_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                too_long = f"the upstream's response head is over {MAX_HEAD} bytes"
+                self._fail(UpstreamBadResponse(too_long))
+                self.abort()
+                return
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -133,14 +153,25 @@ class Connection(asyncio.Protocol):
 
     # -- httptools callbacks ------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.head_done:  # a second response to one request
+            raise UpstreamBadResponse("the upstream sent more than one response")
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        if not self.head_done:  # trailers (after a chunked body) are not forwarded
+            self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if 100 <= status < 200:
+        if 100 <= status < 200 and status != 101:
             self.headers = []  # an interim response (100 Continue, 103): wait for the real one
             return
+        if not 200 <= status <= 599:  # 101 included: the gateway never asks for an upgrade
+            raise UpstreamBadResponse(f"the upstream answered with status {status}")
+        codings = b",".join(v for n, v in self.headers if n == b"transfer-encoding")
+        if codings and codings.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+            # A body delimited by the connection's end, and encoded: nothing a client could use.
+            raise UpstreamBadResponse("the upstream's Transfer-Encoding does not end in chunked")
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()
         if not self.keep_alive and status not in (204, 304):

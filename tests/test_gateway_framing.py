@@ -1,0 +1,218 @@
+"""The gateway against an upstream that misbehaves byte by byte (:class:`RawUpstream`): every
+malformed, ambiguous or oversized answer is a clean 502 problem with the key released, never a
+500, a hang or a pooled connection left out of step for the next request.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from gateway_support import RawUpstream, run_gateway
+
+REPLAYED = "idempotent-replayed"
+OK = RawUpstream.OK
+
+
+@pytest.fixture(scope="module")
+def raw() -> Iterator[RawUpstream]:
+    upstream = RawUpstream()
+    yield upstream
+    upstream.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(raw: RawUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A gateway in front of the raw upstream: 2 s read timeout, idle connections kept 60 s."""
+    directory = tmp_path_factory.mktemp("framing")
+    config = "[upstream]\nread_timeout = 2\nidle_timeout = 60\n"
+    store = f"sqlite:///{directory / 'ledger.db'}"
+    with run_gateway(raw.url, directory, "--store", store, config=config) as process:
+        yield process.url
+
+
+def script(raw: RawUpstream, *steps: bytes | str) -> str:
+    """Give the raw upstream a script under a fresh name; return the path that plays it."""
+    name = uuid.uuid4().hex[:12]
+    raw.answers[name] = list(steps)
+    return f"/{name}"
+
+
+def assert_502_and_released(url: str, raw: RawUpstream, path: str) -> None:
+    """A keyed POST gets 502 upstream-unavailable, and so does its retry: the key was released
+    (the upstream is asked again, nothing is replayed); the next request is answered normally."""
+    key = uuid.uuid4().hex
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for _ in range(2):
+            response = client.post(path, headers={"Idempotency-Key": key}, content=b"x")
+            assert response.status_code == 502, (response.status_code, response.content[:200])
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.json()["type"].endswith("upstream-unavailable")
+            assert REPLAYED not in response.headers
+        assert client.get("/after").content == b"ok"
+    assert sum(1 for _, line in raw.requests if line.split(b" ")[1] == path.encode()) == 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff\r\nhi",
+        b"HTTP/1.1 200 OK\r\nX-A: a\r\n folded\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+        b"SPDY/3 200 OK\r\n\r\n",
+    ],
+    ids=["cl-and-te", "cl-twice", "cl-conflict", "cl-list", "cl-negative", "chunk-size-bad",
+         "chunk-size-overflow", "obs-fold", "nul", "bare-cr", "bare-lf", "not-http"],
+)  # fmt: skip
+def test_malformed_framing_is_a_502(gateway: str, raw: RawUpstream, answer: bytes) -> None:
+    """Ambiguous or malformed response framing is refused whole: 502, key released."""
+    assert_502_and_released(gateway, raw, script(raw, answer))
+
+
+@pytest.mark.parametrize("status", [b"999", b"600", b"099", b"000", b"101"])
+def test_a_status_outside_200_to_599_is_a_502(
+    gateway: str, raw: RawUpstream, status: bytes
+) -> None:
+    """A final status the gateway cannot forward (or an unasked-for 101) is a 502, not a
+    dropped connection."""
+    answer = b"HTTP/1.1 " + status + b" Odd\r\nContent-Length: 2\r\n\r\nok"
+    assert_502_and_released(gateway, raw, script(raw, answer))
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (1 << 20) + b"\r\nContent-Length: 2\r\n\r\nok"],
+        [b"HTTP/1.1 200 OK\r\n" + b"X-H: 1\r\n" * 100_000 + b"Content-Length: 2\r\n\r\nok"],
+        [b"HTTP/1.1 200 " + b"O" * (1 << 20) + b"\r\nContent-Length: 2\r\n\r\nok"],
+        [b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 50_000, "hang"],
+    ],
+    ids=["one-huge-header", "many-headers", "huge-reason", "endless-103"],
+)
+def test_an_oversized_response_head_is_a_502(
+    gateway: str, raw: RawUpstream, steps: list[bytes | str]
+) -> None:
+    """Over 64 KiB before the final head is complete (interim responses count) is a 502."""
+    assert_502_and_released(gateway, raw, script(raw, *steps))
+
+
+def test_interim_responses_are_skipped(gateway: str, raw: RawUpstream) -> None:
+    """100 Continue and 103 Early Hints before the real answer are not forwarded; the final
+    response is, and the connection stays usable."""
+    path = script(
+        raw,
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+        b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nhi",
+    )
+    with httpx.Client(base_url=gateway, timeout=30) as client:
+        response = client.post(path, headers={"Idempotency-Key": uuid.uuid4().hex})
+        assert (response.status_code, response.content) == (201, b"hi")
+        assert "link" not in response.headers
+        assert client.get("/after").content == b"ok"
+
+
+def test_a_transfer_coding_other_than_chunked_is_a_502(gateway: str, raw: RawUpstream) -> None:
+    """``Transfer-Encoding: gzip`` (body until close, still encoded) is refused rather than
+    forwarded with its coding stripped."""
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b\x08garbage"
+    assert_502_and_released(gateway, raw, script(raw, answer, "close"))
+
+
+def test_trailers_never_become_response_headers(gateway: str, raw: RawUpstream) -> None:
+    """Trailers of a chunked answer are dropped, even when they arrive with the head."""
+    path = script(
+        raw,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+        b"X-Trailer: 1\r\nSet-Cookie: sid=evil\r\n\r\n",
+    )
+    with httpx.Client(base_url=gateway, timeout=30) as client:
+        response = client.get(path)
+        assert (response.status_code, response.content) == (200, b"hello")
+        assert "x-trailer" not in response.headers
+        assert "set-cookie" not in response.headers
+        assert client.get("/after").content == b"ok"
+
+
+def test_a_second_response_in_the_same_packet_is_not_forwarded(
+    gateway: str, raw: RawUpstream
+) -> None:
+    """A 204 followed at once by another response: the client gets the 204 and the
+    connection is dropped, not reused out of step."""
+    path = script(
+        raw, b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nEVIL"
+    )
+    with httpx.Client(base_url=gateway, timeout=30) as client:
+        response = client.get(path)
+        assert (response.status_code, response.content) == (204, b"")
+        assert client.get("/after").content == b"ok"
+
+
+def test_bytes_on_an_idle_connection_never_reach_the_next_request(
+    gateway: str, raw: RawUpstream
+) -> None:
+    """Bytes the upstream sends after a complete response (here, the start of a stray answer)
+    retire the pooled connection: the next request gets its own answer, not the stray one."""
+    stray = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nEVIL"
+    path = script(raw, b"HTTP/1.1 204 No Content\r\n\r\n", "wait", stray)
+    with httpx.Client(base_url=gateway, timeout=30) as client:
+        assert client.get(path).status_code == 204
+        raw.played.clear()
+        raw.proceed()
+        assert raw.played.wait(10)
+        response = client.get("/after")
+    assert (response.status_code, response.content) == (200, b"ok")
+
+
+def test_an_early_answer_to_a_streamed_upload_retires_the_connection(
+    gateway: str, raw: RawUpstream
+) -> None:
+    """The upstream answers before the body is all sent: the half-sent request's connection
+    is never reused, so the next request cannot be read as the rest of that body."""
+    path = script(raw, "early", b"HTTP/1.1 413 Too Large\r\nContent-Length: 3\r\n\r\nbig")
+
+    def upload() -> Iterator[bytes]:
+        for _ in range(256):  # 16 MiB: more than the sockets between can hold
+            yield b"u" * (64 << 10)
+
+    with httpx.Client(base_url=gateway, timeout=60) as client:
+        first = client.post(path, content=upload())
+        assert (first.status_code, first.content) == (413, b"big")
+        after = client.post("/after", content=b"next")
+    assert (after.status_code, after.content) == (200, b"ok")
+    connections = {line.split(b" ")[1]: number for number, line in raw.requests}
+    assert connections[b"/after"] != connections[path.encode()]
+
+
+def test_a_body_cut_short_drops_the_client_connection(gateway: str, raw: RawUpstream) -> None:
+    """The upstream closes before its declared length: the client's response is cut too (it
+    never looks complete), and the next request is answered normally."""
+    path = script(raw, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", "close")
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(gateway + path, timeout=30)
+    assert httpx.get(gateway + "/after", timeout=30).content == b"ok"
+
+
+def test_no_answer_after_the_head_is_bounded_by_the_read_timeout(
+    gateway: str, raw: RawUpstream
+) -> None:
+    """An upstream that sends its head and then nothing never holds the client forever."""
+    path = script(raw, b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", "hang")
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(gateway + path, timeout=60)
+
+
+def test_close_delimited_bodies_are_forwarded(gateway: str, raw: RawUpstream) -> None:
+    """An HTTP/1.0-style answer whose body ends with the connection arrives whole."""
+    path = script(raw, b"HTTP/1.0 200 OK\r\n\r\nuntil the end", "close")
+    response = httpx.get(gateway + path, timeout=30)
+    assert (response.status_code, response.content) == (200, b"until the end")
