@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import secrets
 import sqlite3
 import threading
@@ -309,6 +310,37 @@ async def test_require_key_per_route(store_url: str) -> None:
     assert_original(elsewhere, 1)
     assert_original(keyed, 2)
     assert app.calls == 2
+
+
+async def test_a_trailing_double_star_covers_the_bare_prefix(store_url: str) -> None:
+    """Route("/payments/**") applies to POST /payments itself, not only to paths below it."""
+    app = Counting()
+    routes = [Route("/payments/**", require_key=True)]
+    async with serve(app, store_url, routes=routes) as (client, _):
+        bare = await client.post("/payments", json={"a": 1})
+        below = await client.post("/payments/7/refund", json={"a": 1})
+        sibling = await client.post("/paymentsx", json={"a": 1})
+    assert_problem(bare, "missing-key", 400)
+    assert_problem(below, "missing-key", 400)
+    assert_original(sibling, 1)
+    assert app.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("pattern", "matching", "not_matching"),
+    [
+        ("/v1/**", ["/v1", "/v1/", "/v1/a/b"], ["/v1x", "/v", "/"]),
+        ("/a/**/b", ["/a/b", "/a/x/b", "/a/x/y/b"], ["/ab", "/a/b/c", "/a/xb"]),
+        ("/x**", ["/x", "/xy", "/x/y"], ["/"]),
+        ("/items/{id}", ["/items/7"], ["/items", "/items/", "/items/7/x"]),
+        ("/files/*.json", ["/files/a.json"], ["/files/a/b.json", "/files/a.txt"]),
+    ],
+)
+def test_route_patterns(pattern: str, matching: list[str], not_matching: list[str]) -> None:
+    """Each pattern form matches the paths its documentation promises, and no others."""
+    route = Route(pattern)
+    assert [p for p in matching if not route.matches(p)] == []
+    assert [p for p in not_matching if route.matches(p)] == []
 
 
 # -- 3-5. the key ---------------------------------------------------------------------------------
@@ -1307,6 +1339,30 @@ def test_a_string_where_names_are_expected_is_refused(option: str) -> None:
         IdempotencyMiddleware(Counting(), store="memory://", **options)
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("wait", math.nan),
+        ("wait", -1.0),
+        ("lease", math.inf),
+        ("lease", math.nan),
+        ("lease", 0.0),
+        ("ttl", math.nan),
+        ("ttl", 0.0),
+    ],
+)
+def test_times_that_would_break_the_contract_are_refused(option: str, value: float) -> None:
+    """A NaN wait, an endless lease (a stuck key) or a NaN ttl is a ConfigError at start-up."""
+    options: dict[str, Any] = {option: value}
+    with pytest.raises(ConfigError, match=option):
+        IdempotencyMiddleware(Counting(), store="memory://", **options)
+
+
+def test_an_infinite_ttl_or_wait_is_allowed() -> None:
+    """ttl=inf keeps outcomes for good and wait=inf waits out the original: both are valid."""
+    IdempotencyMiddleware(Counting(), store="memory://", ttl=math.inf, wait=math.inf)
+
+
 async def test_scope_headers_add_to_authorization(store_url: str) -> None:
     """Callers with one API-key header but different Authorization never share a record."""
     app = Counting()
@@ -1331,6 +1387,21 @@ async def test_a_newline_in_the_path_does_not_escape_a_route() -> None:
     assert status == 400
     assert json.loads(body)["type"].endswith("missing-key")
     assert app.calls == 0
+
+
+async def test_a_newline_in_the_path_cannot_forge_a_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A decoded path holding CR/LF is logged on one line, its control characters escaped."""
+    caplog.set_level(logging.DEBUG, logger="retrysafe")
+    middleware = IdempotencyMiddleware(Counting(), store="memory://")
+    path = "/orders\r\nWARNING forged entry"
+    status, _, _ = await call_raw(middleware, "POST", path, [(b"idempotency-key", b"k1")])
+    assert status == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "retrysafe"]
+    assert lines
+    assert all("\n" not in line and "\r" not in line for line in lines)
+    assert any("/orders\\r\\nWARNING forged entry" in line for line in lines)
 
 
 async def test_scope_callable_may_return_a_user_id_number(store_url: str) -> None:

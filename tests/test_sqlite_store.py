@@ -28,6 +28,7 @@ from retrysafe.stores.sqlite import (
     GROUP_PAUSE,
     GROUP_SAMPLE,
     LARGE_WRITE,
+    PAGE_SIZE,
     PURGE_BATCH,
     _Checkpointer,
     _is_busy,
@@ -514,6 +515,46 @@ def test_an_old_sqlite_is_refused_at_construction(
         SQLiteStore(ledger)
     with pytest.raises(ConfigError, match=r"3\.34\.1"):
         open_store(f"sqlite:///{ledger}")
+
+
+def page_size(path: str) -> int:
+    check = sqlite3.connect(path)
+    try:
+        size: int = check.execute("PRAGMA page_size").fetchone()[0]
+        return size
+    finally:
+        check.close()
+
+
+async def test_a_new_ledger_uses_small_pages(ledger: str) -> None:
+    """A ledger file the store creates has 1 KiB pages, and a response spanning many is intact."""
+    store = open_store(f"sqlite:///{ledger}")
+    async with store:
+        r, t = rid(), token()
+        assert await store.claim(r, t, FP, LONG, LONG) is None
+        body = os.urandom(20_000)
+        assert await store.complete(r, t, State.DONE, body, LONG)
+        record = await store.get(r)
+        assert record is not None
+        assert record.response == body
+    assert page_size(ledger) == PAGE_SIZE == 1024
+
+
+async def test_an_existing_ledger_keeps_its_page_size(ledger: str) -> None:
+    """A ledger made with SQLite's default 4 KiB pages is used as it is, not rebuilt."""
+    old = sqlite3.connect(ledger)
+    old.execute("PRAGMA page_size = 4096")
+    old.execute("PRAGMA journal_mode = WAL")
+    old.close()
+    store = open_store(f"sqlite:///{ledger}")
+    async with store:
+        r, t = rid(), token()
+        assert await store.claim(r, t, FP, LONG, LONG) is None
+        assert await store.complete(r, t, State.DONE, b"resp", LONG)
+        record = await store.get(r)
+        assert record is not None
+        assert record.response == b"resp"
+    assert page_size(ledger) == 4096
 
 
 @pytest.mark.parametrize("table", ["order", "select", "group", "table"])

@@ -69,6 +69,13 @@ def log_enabled(event: Event) -> bool:
     return logger.isEnabledFor(logging.WARNING if event in _WARNINGS else logging.DEBUG)
 
 
+def _one_line(text: str) -> str:
+    """``text`` with control characters escaped: a client's path cannot forge a log line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def log_decision(decision: Decision) -> None:
     """The built-in hook: one log line per decision on the ``retrysafe`` logger."""
     if log_enabled(decision.event):
@@ -77,9 +84,9 @@ def log_decision(decision: Decision) -> None:
             level,
             "%s %s %s record=%s status=%s %s",
             decision.event.value,
-            decision.method,
-            decision.path,
+            _one_line(decision.method),
+            _one_line(decision.path),
             decision.record,
             decision.status,
-            decision.detail,
+            _one_line(decision.detail),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -76,10 +77,12 @@ class Policy:
     """The scope in force: ``scope``, or the credentials scope built from the options."""
 
     def __post_init__(self) -> None:
-        for name in ("ttl", "lease"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be a positive number of seconds")
-        if self.wait < 0:
+        if not self.ttl > 0:  # NaN fails too; an infinite ttl keeps outcomes for good
+            raise ConfigError("ttl must be a positive number of seconds")
+        if not 0 < self.lease < math.inf:
+            # A dead holder's key would never be taken over: a stuck key.
+            raise ConfigError("lease must be a positive, finite number of seconds")
+        if not self.wait >= 0:
             raise ConfigError("wait must be >= 0 seconds")
         for name in ("max_request_body", "max_response_body"):
             if getattr(self, name) < 0:
@@ -145,10 +148,22 @@ def _compile(pattern: str) -> re.Pattern[str]:
         raise ConfigError(f"route pattern must start with '/': {pattern!r}")
     out, pos = [], 0
     for match in _PATTERN_PART.finditer(pattern):
-        out.append(re.escape(pattern[pos : match.start()]))
-        token = match.group()
+        start, end, token = match.start(), match.end(), match.group()
+        if token == "**" and pattern[start - 1] == "/" and pattern[end : end + 1] in ("", "/"):
+            # A whole segment of "**" stands for zero or more segments: "/payments/**" is
+            # "/payments" too (the create endpoint), "/a/**/b" is "/a/b" too.
+            if end == len(pattern):
+                out.append(re.escape(pattern[pos : start - 1]))
+                out.append("(?:/.*)?")
+                pos = end
+            else:
+                out.append(re.escape(pattern[pos:start]))
+                out.append("(?:.*/)?")
+                pos = end + 1
+            continue
+        out.append(re.escape(pattern[pos:start]))
         out.append(".*" if token == "**" else "[^/]*" if token == "*" else "[^/]+")
-        pos = match.end()
+        pos = end
     out.append(re.escape(pattern[pos:]))
     # DOTALL: a path may hold a newline (%0A); it must not slip past a route's policy.
     return re.compile("".join(out), re.DOTALL)
@@ -157,8 +172,10 @@ def _compile(pattern: str) -> re.Pattern[str]:
 class Route:
     """A path pattern and the policy options that apply to it.
 
-    ``{name}`` matches one path segment, ``*`` any text within a segment, ``**`` anything.
-    Routes are tried in order; the first whose pattern matches the whole path applies.
+    ``{name}`` matches one path segment, ``*`` any text within a segment, ``**`` anything;
+    ``**`` as a whole segment also matches no segment at all (``/payments/**`` matches
+    ``/payments`` as well as ``/payments/7/refund``). Routes are tried in order; the first
+    whose pattern matches the whole path applies.
     """
 
     __slots__ = ("_regex", "options", "pattern")

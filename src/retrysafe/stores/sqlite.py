@@ -53,6 +53,8 @@ GROUP_COMMIT_MAX = 64
 """Most writes one transaction carries: the write lock is never held for long."""
 GROUP_SAMPLE, GROUP_WORTHWHILE, GROUP_PAUSE = 32, 1.5, 256
 """Group commits looked at; writes per commit below which grouping stops; writes it stops for."""
+PAGE_SIZE = 1024
+"""Page size of a ledger file this store creates (SQLite's default is 4096)."""
 LARGE_WRITE = 256 << 10
 """A completion carrying a response larger than this is written from a worker thread."""
 PURGE_BATCH = 100
@@ -218,6 +220,12 @@ class SQLiteStore(Store):
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            # Small pages for a new ledger (an existing file keeps its own): every write
+            # copies whole pages into the WAL and back at the checkpoint, and a claim or a
+            # completion touches a few scattered ones. 1 KiB pages cut that from ~23 KiB to
+            # ~7 KiB per request, and the cost of a claim+complete by a third
+            # (docs/benchmarks.md). Must come before WAL mode creates the file.
+            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal" and not self._private:
                 raise StoreUnavailable(
