@@ -455,6 +455,10 @@ class Execution:
         except BaseException:
             await self.abort("the store_status policy raised an exception")
             raise
+        if final and self._body is not None and not self._length_matches():
+            # Kept, it would fail every retry the same way for as long as the record lives.
+            await self.abort("the response body did not match its Content-Length")
+            return
         self._stop()
         engine, request, rid = self.engine, self.request, self.rid
         try:
@@ -482,6 +486,19 @@ class Execution:
             engine.report(Event.STORED, request, rid, self._status)
         else:
             engine.report(Event.NOT_REPLAYABLE, request, rid, self._status)
+
+    def _length_matches(self) -> bool:
+        """False if the response declares a Content-Length its body does not have.
+
+        The server cuts such a response short (uvicorn raises at its end), so the client
+        never got it. Bodiless responses (HEAD, 204, 304) declare lengths they do not carry.
+        """
+        if self._status in (204, 304) or self.request.method == "HEAD":
+            return True
+        for name, value in self._headers:
+            if name.lower() == b"content-length":
+                return value.strip().isdigit() and int(value) == self._size
+        return True
 
     async def abort(self, reason: str = "the handler failed") -> None:
         """The handler failed or the response was cut short: release the key for a retry."""
