@@ -1,12 +1,16 @@
 """The gateway against an upstream that misbehaves byte by byte (:class:`RawUpstream`): every
 malformed, ambiguous or oversized answer is a clean 502 problem with the key released, never a
-500, a hang or a pooled connection left out of step for the next request.
+500, a hang or a pooled connection left out of step for the next request. Also requests whose
+Host is ambiguous: refused before the upstream sees them.
 """
 
 from __future__ import annotations
 
+import json
+import socket
 import uuid
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -216,3 +220,52 @@ def test_close_delimited_bodies_are_forwarded(gateway: str, raw: RawUpstream) ->
     path = script(raw, b"HTTP/1.0 200 OK\r\n\r\nuntil the end", "close")
     response = httpx.get(gateway + path, timeout=30)
     assert (response.status_code, response.content) == (200, b"until the end")
+
+
+def exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw request bytes to the gateway; return status, headers and body of its answer."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split(" ")[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /{path} HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n",
+        b"POST /{path} HTTP/1.1\r\n",
+        b"POST /{path} HTTP/1.1\r\nHost: a.example/evil\r\n",
+        b"POST /{path} HTTP/1.1\r\nHost: user@a.example\r\n",
+    ],
+    ids=["two-hosts", "no-host", "slash", "userinfo"],
+)
+def test_an_ambiguous_host_is_refused_before_the_upstream(
+    gateway: str, raw: RawUpstream, head: bytes
+) -> None:
+    """Two Hosts, none (HTTP/1.1) or one that is no host[:port]: 400 problem, nothing forwarded."""
+    path = uuid.uuid4().hex
+    request = head.replace(b"{path}", path.encode()) + (
+        b"Idempotency-Key: k\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
+    )
+    status, headers, body = exchange(gateway, request)
+    assert status == 400
+    assert headers["content-type"] == "application/problem+json"
+    assert json.loads(body)["type"].endswith("malformed-request")
+    assert not [line for _, line in raw.requests if path.encode() in line]
+
+
+def test_an_http_1_0_request_without_host_is_forwarded(gateway: str, raw: RawUpstream) -> None:
+    """HTTP/1.0 has no Host requirement: such a request is forwarded as before."""
+    path = uuid.uuid4().hex
+    status, _, body = exchange(gateway, f"GET /{path} HTTP/1.0\r\n\r\n".encode())
+    assert (status, body) == (200, b"ok")
+    assert [line for _, line in raw.requests if path.encode() in line]

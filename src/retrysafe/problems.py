@@ -26,6 +26,8 @@ class ProblemType(enum.Enum):
     """The gateway could not reach the upstream, or lost it before its answer was complete."""
     UPSTREAM_TIMEOUT = ("upstream-timeout", 504, "Upstream timed out")
     """The gateway gave up waiting for the upstream's answer."""
+    MALFORMED_REQUEST = ("malformed-request", 400, "Malformed request")
+    """The gateway refused a request it cannot forward unambiguously (its Host, for one)."""
     SHUTTING_DOWN = ("shutting-down", 503, "Server shutting down")
     """The server stopped before the answer was ready (the key, if any, was released)."""
 

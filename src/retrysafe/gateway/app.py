@@ -10,6 +10,7 @@ import asyncio
 import email.utils
 import json
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -116,7 +117,13 @@ class Gateway:
             await send(message)
 
         try:
-            await self.layer(scope, receive, observed_send)
+            bad_host = _bad_host(scope)
+            if bad_host:
+                # Two Hosts could route one way in front of the gateway, another behind it.
+                await self._send_problem(send, Problem(ProblemType.MALFORMED_REQUEST, bad_host))
+                status = 400
+            else:
+                await self.layer(scope, receive, observed_send)
         except asyncio.CancelledError:
             # The server's shutdown timeout ran out: the middleware has released the key on
             # its way out. Rather than uvicorn's bare 500, tell the client to retry elsewhere.
@@ -128,10 +135,7 @@ class Gateway:
                 " executed the request. Retry with the same key.",
                 retry_after=1,
             )
-            body = problem.body(self.settings.problem_base)
-            headers = [*problem.headers(len(body)), (b"connection", b"close")]
-            await send({"type": "http.response.start", "status": 503, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await self._send_problem(send, problem)
             status = 503
         finally:
             if task is not None:
@@ -143,6 +147,15 @@ class Gateway:
                     scope.get("client"), scope["method"], scope["path"], status,
                     time.perf_counter() - started, route, replayed,
                 )  # fmt: skip
+
+    async def _send_problem(self, send: Send, problem: Problem) -> None:
+        """Answer ``problem`` and close the connection."""
+        body = problem.body(self.settings.problem_base)
+        headers = [
+            *problem.headers(len(body)), (b"date", self._http_date()), (b"connection", b"close")
+        ]  # fmt: skip
+        await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -201,6 +214,24 @@ class Gateway:
     async def _metrics(self, send: Send) -> None:
         body, content_type = await asyncio.to_thread(self.metrics.render)
         await self._answer(send, 200, body, content_type)
+
+
+_HOST = re.compile(rb"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]*")
+"""What a Host may hold (RFC 9110 7.2: uri-host, optional port; empty is allowed)."""
+
+
+def _bad_host(scope: Scope) -> str:
+    """Why the request's Host cannot be forwarded (RFC 9112 3.2); empty if it can."""
+    hosts = [value for name, value in scope["headers"] if name == b"host"]
+    if len(hosts) > 1:
+        return "The request carries more than one Host header."
+    if not hosts:
+        if scope.get("http_version") == "1.0":
+            return ""  # HTTP/1.0 predates Host
+        return "An HTTP/1.1 request must carry a Host header."
+    if _HOST.fullmatch(hosts[0]) is None:
+        return "The Host header is not a host name or address with an optional port."
+    return ""
 
 
 def create_app() -> Gateway:
