@@ -25,7 +25,7 @@ from typing import Any, Unpack
 
 from .errors import CorruptRecord, StoreBusy, StoreError
 from .fingerprint import RequestView, default_fingerprint
-from .hooks import Decision, Event, Hook, log_decision, log_enabled
+from .hooks import Decision, Event, Hook, one_line, log_decision, log_enabled
 from .keys import MalformedKey, find_key
 from .policy import Policy, PolicyOptions, Route
 from .problems import DEFAULT_PROBLEM_BASE, Problem, ProblemType
@@ -456,9 +456,16 @@ class Execution:
             await self.abort("the store_status policy raised an exception")
             raise
         if final and self._body is not None and not self._length_matches():
-            # Kept, it would fail every retry the same way for as long as the record lives.
-            await self.abort("the response body did not match its Content-Length")
-            return
+            # The handler ran, so releasing would run it again; kept as declared, every replay
+            # would be cut short the same way. Keep the body it sent, framed by its true length.
+            self._headers = [h for h in self._headers if h[0].lower() != b"content-length"]
+            self._headers.append((b"content-length", b"%d" % self._size))
+            logger.warning(
+                "retrysafe: %s %s answered %s with a body of %d bytes that does not match its"
+                " Content-Length; stored with its true length (record=%s)",
+                one_line(self.request.method), one_line(self.request.path), self._status,
+                self._size, self.rid[:6].hex(),
+            )  # fmt: skip
         self._stop()
         engine, request, rid = self.engine, self.request, self.rid
         try:
@@ -490,8 +497,8 @@ class Execution:
     def _length_matches(self) -> bool:
         """False if the response declares a Content-Length its body does not have.
 
-        The server cuts such a response short (uvicorn raises at its end), so the client
-        never got it. Bodiless responses (HEAD, 204, 304) declare lengths they do not carry.
+        The server cuts such a response short (uvicorn raises at its end), so the first client
+        never got it whole. Bodiless responses (HEAD, 204, 304) declare lengths they do not carry.
         """
         if self._status in (204, 304) or self.request.method == "HEAD":
             return True

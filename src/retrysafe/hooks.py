@@ -69,7 +69,7 @@ def log_enabled(event: Event) -> bool:
     return logger.isEnabledFor(logging.WARNING if event in _WARNINGS else logging.DEBUG)
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """``text`` with control characters escaped: a client's path cannot forge a log line."""
     if text.isprintable():
         return text
@@ -84,9 +84,9 @@ def log_decision(decision: Decision) -> None:
             level,
             "%s %s %s record=%s status=%s %s",
             decision.event.value,
-            _one_line(decision.method),
-            _one_line(decision.path),
+            one_line(decision.method),
+            one_line(decision.path),
             decision.record,
             decision.status,
-            _one_line(decision.detail),
+            one_line(decision.detail),
         )
