@@ -245,9 +245,18 @@ def exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
         b"POST /{path} HTTP/1.1\r\n",
         b"POST /{path} HTTP/1.1\r\nHost: a.example/evil\r\n",
         b"POST /{path} HTTP/1.1\r\nHost: user@a.example\r\n",
+        b"POST /{path} HTTP/1.1\r\nHost: a.example,b.example\r\n",
+        b"POST /{path} HTTP/1.1\r\nHost: a:b:c\r\n",
+        b"POST /{path} HTTP/1.1\r\nHost: ][\r\n",
+        b"POST /{path} HTTP/1.1\r\nHost: a.example:abc\r\n",
+        b"POST /{path} HTTP/1.1\r\nHost: [::1\r\n",
+        b"POST /{path} HTTP/1.1\r\nHost: a.example:123456\r\n",
     ],
-    ids=["two-hosts", "no-host", "slash", "userinfo"],
-)
+    ids=[
+        "two-hosts", "no-host", "slash", "userinfo", "comma-list", "colons", "brackets",
+        "port-not-digits", "unclosed-literal", "port-too-long",
+    ],
+)  # fmt: skip
 def test_an_ambiguous_host_is_refused_before_the_upstream(
     gateway: str, raw: RawUpstream, head: bytes
 ) -> None:
@@ -267,5 +276,23 @@ def test_an_http_1_0_request_without_host_is_forwarded(gateway: str, raw: RawUps
     """HTTP/1.0 has no Host requirement: such a request is forwarded as before."""
     path = uuid.uuid4().hex
     status, _, body = exchange(gateway, f"GET /{path} HTTP/1.0\r\n\r\n".encode())
+    assert (status, body) == (200, b"ok")
+    assert [line for _, line in raw.requests if path.encode() in line]
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        b"a.example", b"a.example:8080", b"127.0.0.1:80", b"[::1]:8080", b"[fe80::1%25eth0]",
+        b"xn--bcher-kva.example", b"a%2Eexample", b"a.example:", b"",
+    ],
+)  # fmt: skip
+def test_a_well_formed_host_is_forwarded(gateway: str, raw: RawUpstream, host: bytes) -> None:
+    """Names, addresses, IPv6 literals (with a zone), ports and an empty Host all pass."""
+    path = uuid.uuid4().hex
+    status, _, body = exchange(
+        gateway,
+        b"GET /%s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % (path.encode(), host),
+    )
     assert (status, body) == (200, b"ok")
     assert [line for _, line in raw.requests if path.encode() in line]

@@ -216,8 +216,16 @@ class Gateway:
         await self._answer(send, 200, body, content_type)
 
 
-_HOST = re.compile(rb"[A-Za-z0-9\-._~%!$&'()*+,;=:\[\]]*")
-"""What a Host may hold (RFC 9110 7.2: uri-host, optional port; empty is allowed)."""
+_HOST = re.compile(
+    rb"(?:(?:[A-Za-z0-9\-._~]|%[0-9A-Fa-f]{2})*"  # a name or IPv4 address (RFC 3986 reg-name)
+    rb"|\[[0-9A-Fa-f:.]+(?:%25(?:[A-Za-z0-9\-._~]|%[0-9A-Fa-f]{2})+)?\])"  # [IPv6%25zone]
+    rb"(?::[0-9]{0,5})?"  # an optional port
+)
+"""What a Host may hold (RFC 9110 7.2: uri-host and an optional port; empty is allowed).
+
+Stricter than RFC 3986 on names: no sub-delimiters, so ``a.example,b.example`` or
+``a=b`` cannot mean one host to the gateway and another behind it.
+"""
 
 
 def _bad_host(scope: Scope) -> str:
@@ -226,8 +234,8 @@ def _bad_host(scope: Scope) -> str:
     if len(hosts) > 1:
         return "The request carries more than one Host header."
     if not hosts:
-        if scope.get("http_version") == "1.0":
-            return ""  # HTTP/1.0 predates Host
+        if scope.get("http_version", "1.1") != "1.1":
+            return ""  # HTTP/1.0 predates Host; HTTP/2 and 3 carry :authority instead
         return "An HTTP/1.1 request must carry a Host header."
     if _HOST.fullmatch(hosts[0]) is None:
         return "The Host header is not a host name or address with an optional port."
