@@ -331,6 +331,9 @@ async def test_a_trailing_double_star_covers_the_bare_prefix(store_url: str) -> 
     [
         ("/v1/**", ["/v1", "/v1/", "/v1/a/b"], ["/v1x", "/v", "/"]),
         ("/a/**/b", ["/a/b", "/a/x/b", "/a/x/y/b"], ["/ab", "/a/b/c", "/a/xb"]),
+        ("/a/**/**", ["/a", "/a/", "/a/x", "/a/x/y"], ["/ab", "/"]),
+        ("/a/**/**/b", ["/a/b", "/a/x/b", "/a/x/y/b"], ["/ab", "/a/b/c"]),
+        ("/**", ["/", "/a", "/a/b"], []),
         ("/x**", ["/x", "/xy", "/x/y"], ["/"]),
         ("/items/{id}", ["/items/7"], ["/items", "/items/", "/items/7/x"]),
         ("/files/*.json", ["/files/a.json"], ["/files/a/b.json", "/files/a.txt"]),

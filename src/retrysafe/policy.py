@@ -141,11 +141,14 @@ def _check_options(options: Mapping[str, object], where: str) -> None:
 
 
 _PATTERN_PART = re.compile(r"\*\*|\*|\{[^}/]*\}")
+_REPEATED_STARS = re.compile(r"(?:/\*\*){2,}(?=/|$)")
 
 
 def _compile(pattern: str) -> re.Pattern[str]:
     if not pattern.startswith("/"):
         raise ConfigError(f"route pattern must start with '/': {pattern!r}")
+    # "/**/**" means what "/**" means; merged, the zero-segment forms below need no special case.
+    pattern = _REPEATED_STARS.sub("/**", pattern)
     out, pos = [], 0
     for match in _PATTERN_PART.finditer(pattern):
         start, end, token = match.start(), match.end(), match.group()
