@@ -1588,6 +1588,22 @@ async def test_a_path_with_a_lone_surrogate_is_no_500() -> None:
     assert app.calls == 1
 
 
+async def test_a_lone_surrogate_path_and_its_escaped_bytes_are_other_requests() -> None:
+    """/o\\ud800 and the path whose escaped bytes spell its UTF-8 form do not share a record."""
+    app = Counting()
+    middleware = IdempotencyMiddleware(app, store="memory://")
+    headers = [(b"idempotency-key", b"surrogate-2")]
+    try:
+        first = await call_raw(middleware, "POST", "/o\ud800", headers, b"{}")
+        other = await call_raw(middleware, "POST", "/o\udced\udca0\udc80", headers, b"{}")
+    finally:
+        await middleware.aclose()
+    assert first[0] == 200
+    assert other[0] == 422
+    assert json.loads(other[2])["type"].endswith("key-reused")
+    assert app.calls == 1
+
+
 async def test_a_reused_body_buffer_is_replayed_as_sent() -> None:
     """Chunks sent from one reused bytearray are stored as they were sent, not as it ends."""
     calls = 0

@@ -84,6 +84,10 @@ def canonical_json(body: bytes, exclude: Collection[str] = ()) -> bytes | None:
     return text.encode("utf-8", "surrogatepass")
 
 
+_OTHER_ENCODING = 1 << 31
+"""Set in a path's size when the path was encoded with ``surrogatepass``."""
+
+
 def _size(part: bytes) -> bytes:
     return len(part).to_bytes(4, "big")
 
@@ -96,10 +100,13 @@ def default_fingerprint(request: RequestView, exclude: Collection[str] = ()) -> 
     method = request.method.encode()
     try:
         path = request.path.encode("utf-8", "surrogateescape")
+        path_size = _size(path)
     except UnicodeEncodeError:  # a lone surrogate that is no escaped byte: never a 500
         path = request.path.encode("utf-8", "surrogatepass")
+        # Flagged in the size's top bit: this encoding must not meet surrogateescape's bytes.
+        path_size = (len(path) | _OTHER_ENCODING).to_bytes(4, "big")
     query = request.query
-    head = b"%b%b%b%b%b%b" % (_size(method), method, _size(path), path, _size(query), query)
+    head = b"%b%b%b%b%b%b" % (_size(method), method, path_size, path, _size(query), query)
     digest = hashlib.sha256(head)
     digest.update(body)  # apart: a large body is not copied
     return digest.digest()
