@@ -100,8 +100,18 @@ def test_a_status_outside_200_to_599_is_a_502(
         [b"HTTP/1.1 200 OK\r\n" + b"X-H: 1\r\n" * 100_000 + b"Content-Length: 2\r\n\r\nok"],
         [b"HTTP/1.1 200 " + b"O" * (1 << 20) + b"\r\nContent-Length: 2\r\n\r\nok"],
         [b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" * 50_000, "hang"],
+        # Just over the limit and whole in one write: it may arrive in a single read.
+        [b"HTTP/1.1 200 OK\r\n" + b"X-H: 1\r\n" * 8_400 + b"Content-Length: 2\r\n\r\nok"],
+        [b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (66 << 10) + b"\r\nContent-Length: 2\r\n\r\nok"],
     ],
-    ids=["one-huge-header", "many-headers", "huge-reason", "endless-103"],
+    ids=[
+        "one-huge-header",
+        "many-headers",
+        "huge-reason",
+        "endless-103",
+        "70k-headers",
+        "66k-header",
+    ],
 )
 def test_an_oversized_response_head_is_a_502(
     gateway: str, raw: RawUpstream, steps: list[bytes | str]

@@ -25,7 +25,7 @@ from typing import Any, Unpack
 
 from .errors import CorruptRecord, StoreBusy, StoreError
 from .fingerprint import RequestView, default_fingerprint
-from .hooks import Decision, Event, Hook, one_line, log_decision, log_enabled
+from .hooks import Decision, Event, Hook, log_decision, log_enabled, one_line
 from .keys import MalformedKey, find_key
 from .policy import Policy, PolicyOptions, Route
 from .problems import DEFAULT_PROBLEM_BASE, Problem, ProblemType

@@ -94,6 +94,7 @@ class Connection(asyncio.Protocol):
         """Whether any byte of this exchange's response arrived."""
         self.error: UpstreamError | None = None
         self._head_bytes = 0
+        self._head_fields = 0
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._last_read = 0.0
@@ -122,7 +123,7 @@ class Connection(asyncio.Protocol):
             self._fail(refusal)
             self.abort()
             return
-        if not self.head_done:
+        if not self.head_done:  # a head still incomplete: every byte so far counts
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD:
                 too_long = f"the upstream's response head is over {MAX_HEAD} bytes"
@@ -157,9 +158,19 @@ class Connection(asyncio.Protocol):
         if self.head_done:  # a second response to one request
             raise UpstreamBadResponse("the upstream sent more than one response")
 
+    def on_status(self, reason: bytes) -> None:
+        self._count_head(len(reason) + len(b"HTTP/1.1 200 \r\n\r\n"))
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.head_done:  # trailers (after a chunked body) are not forwarded
+            self._count_head(len(name) + len(value) + 4)
             self.headers.append((name.lower(), value))
+
+    def _count_head(self, size: int) -> None:
+        # A head that arrives whole in one read is measured here, field by field.
+        self._head_fields += size
+        if self._head_fields > MAX_HEAD:
+            raise UpstreamBadResponse(f"the upstream's response head is over {MAX_HEAD} bytes")
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -323,7 +334,8 @@ class UpstreamPool:
             stale_before = loop.time() - self.idle_timeout
             while idle:
                 conn = idle.pop()
-                if not conn.closed and conn.idle_since > stale_before:
+                # An aborted connection is not closed until its connection_lost has run.
+                if conn.keep_alive and not conn.closed and conn.idle_since > stale_before:
                     conn.reused = True
                     return conn
                 conn.abort()
