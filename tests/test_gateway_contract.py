@@ -1,7 +1,8 @@
 """The contract (rules 1-24) over real HTTP: ``retrysafe gateway`` in front of a separate upstream.
 
-One upstream process (``upstream_app``) and one gateway process per ledger (SQLite, Redis) serve
-the whole module; the gateway's TOML gives each rule's configurable part a route of its own.
+One upstream process (``upstream_app``) and one gateway process per ledger (SQLite, Redis,
+PostgreSQL) serve the whole module; the gateway's TOML gives each rule's configurable part a
+route of its own.
 Executions are counted where they happen, in the upstream's execution log; every test uses keys
 and paths of its own. Rule 13 (the store's clock) is a store property, proven by the store
 tests; rule 10 across processes and hosts is in ``test_gateway_clients.py``.
@@ -24,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 import redis
-from conftest import fresh_url, require_server
+from conftest import drop_postgres_table, fresh_url, require_server
 from gateway_support import Process, Upstream, run_gateway, run_upstream
 from servers import Relay, poll_until
 
@@ -123,18 +124,50 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
         yield server
 
 
-@pytest.fixture(scope="module", params=["sqlite", "redis"])
+@pytest.fixture(scope="module", params=["sqlite", "redis", "postgres"])
 def gw(
     request: pytest.FixtureRequest, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
     """The gateway in front of the upstream, on each ledger."""
     directory = tmp_path_factory.mktemp(f"gateway-{request.param}")
     store = fresh_url(request.param, directory)
-    with (
-        run_gateway(upstream.url, directory, "--store", store, config=CONFIG) as process,
-        httpx.Client(base_url=process.url, timeout=30) as client,
-    ):
-        yield Gateway(request.param, store, process, upstream, client)
+    try:
+        with (
+            run_gateway(upstream.url, directory, "--store", store, config=CONFIG) as process,
+            httpx.Client(base_url=process.url, timeout=30) as client,
+        ):
+            yield Gateway(request.param, store, process, upstream, client)
+    finally:
+        if request.param == "postgres":
+            drop_postgres_table(store)
+
+
+def postgres_query(url: str, sql: str) -> list[Any]:
+    """Run ``sql`` on the ledger table of a PostgreSQL store URL (``{t}`` names the table)."""
+    import asyncio
+
+    import asyncpg
+
+    parts = urlsplit(url)
+    table = parse_qs(parts.query)["table"][0]
+
+    async def run() -> list[Any]:
+        conn = await asyncpg.connect(parts._replace(query="").geturl())
+        try:
+            return list(await conn.fetch(sql.format(t=f'"{table}"')))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def postgres_contents(url: str) -> bytes:
+    """Every column of every row of a PostgreSQL ledger, concatenated."""
+    rows = postgres_query(url, "SELECT * FROM {t}")
+    assert rows, "the ledger holds no record"
+    return b"".join(
+        value if isinstance(value, bytes) else str(value).encode() for row in rows for value in row
+    )
 
 
 def redis_contents(url: str) -> bytes:
@@ -333,6 +366,8 @@ def test_ledger_and_logs_hold_no_raw_key_or_credentials(gw: Gateway) -> None:
             for suffix in ("", "-wal")
             if Path(gw.store.removeprefix("sqlite:///") + suffix).exists()
         )
+    elif gw.kind == "postgres":
+        ledger = postgres_contents(gw.store)
     else:
         ledger = redis_contents(gw.store)
     assert key.encode() not in ledger
@@ -577,6 +612,13 @@ def test_corrupt_record_is_treated_as_absent(gw: Gateway) -> None:
             db.execute(
                 "UPDATE retrysafe_records SET response = x'00ff00ff' WHERE response IS NOT NULL"
             )
+    elif gw.kind == "postgres":
+        damaged = postgres_query(
+            gw.store,
+            "UPDATE {t} SET response = '\\x00ff00ff'::bytea WHERE response IS NOT NULL"
+            " RETURNING rid",
+        )
+        assert len(damaged) >= 1
     else:  # Redis: one hash per record under the ledger's prefix
         parts = urlsplit(gw.store)
         prefix = parse_qs(parts.query)["prefix"][0]
