@@ -613,12 +613,12 @@ def test_corrupt_record_is_treated_as_absent(gw: Gateway) -> None:
                 "UPDATE retrysafe_records SET response = x'00ff00ff' WHERE response IS NOT NULL"
             )
     elif gw.kind == "postgres":
-        damaged = postgres_query(
+        rows = postgres_query(
             gw.store,
             "UPDATE {t} SET response = '\\x00ff00ff'::bytea WHERE response IS NOT NULL"
             " RETURNING rid",
         )
-        assert len(damaged) >= 1
+        assert len(rows) >= 1
     else:  # Redis: one hash per record under the ledger's prefix
         parts = urlsplit(gw.store)
         prefix = parse_qs(parts.query)["prefix"][0]
