@@ -233,9 +233,11 @@ class _Responder:
             self.execution.start(message["status"], headers)
         elif kind == "http.response.body":
             self.execution.feed(message.get("body", b""))
-            if not message.get("more_body", False):
+            if not message.get("more_body", False) or self.execution.overflowed:
                 # Recorded before the last byte leaves: a client that saw the answer can
-                # rely on a retry replaying it.
+                # rely on a retry replaying it. A body past its own Content-Length is
+                # recorded (not replayable) before the server refuses it: that refusal
+                # reaches the app as an exception, which must not release the key.
                 await self.execution.finish()
                 final = True
         if self.gone_at is None:

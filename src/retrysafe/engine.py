@@ -25,7 +25,7 @@ from typing import Any, Unpack
 
 from .errors import CorruptRecord, StoreBusy, StoreError
 from .fingerprint import RequestView, default_fingerprint
-from .hooks import Decision, Event, Hook, log_decision, log_enabled, one_line
+from .hooks import Decision, Event, Hook, log_decision, log_enabled
 from .keys import MalformedKey, find_key
 from .policy import Policy, PolicyOptions, Route
 from .problems import DEFAULT_PROBLEM_BASE, Problem, ProblemType
@@ -248,7 +248,8 @@ class Engine:
                     return Problem(
                         ProblemType.REPLAY_UNAVAILABLE,
                         f"The request with this {self.header_name} was executed, but its response"
-                        " was too large to keep; it will not be executed again.",
+                        " could not be kept (too large, or not whole); it will not be executed"
+                        " again.",
                     )
                 if record.state is State.IN_FLIGHT:
                     remaining = deadline - time.monotonic()
@@ -363,6 +364,7 @@ class Execution:
 
     __slots__ = (
         "_body",
+        "_declared",
         "_done",
         "_headers",
         "_size",
@@ -388,6 +390,7 @@ class Execution:
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] | None = []
         self._size = 0
+        self._declared: int | None = None
         self._done = policy is None
         self.renew_every = 0.0 if policy is None else policy.lease / 3
         self.renew_at = asyncio.get_running_loop().time() + self.renew_every
@@ -427,17 +430,33 @@ class Execution:
         self._status = status
         if self.policy is not None:
             headers = list(headers)
+            self._declared = self._declared_length(status, headers)
             denied = self.policy.denied_header_bytes
             for name, value in headers:
                 if name.lower() == b"connection":  # it names more hop-by-hop headers (RFC 9110)
                     denied = denied.union(v.strip() for v in value.lower().split(b","))
             self._headers = [(name, value) for name, value in headers if name.lower() not in denied]
 
+    def _declared_length(self, status: int, headers: list[tuple[bytes, bytes]]) -> int | None:
+        """The body length the response declares; -1 if it declares it unusably; None if
+        it declares none or carries no body (HEAD, 204, 304 declare lengths they omit)."""
+        if status in (204, 304) or self.request.method == "HEAD":
+            return None
+        lengths = {v.strip() for n, v in headers if n.lower() == b"content-length"}
+        if not lengths:
+            return None
+        if len(lengths) > 1:
+            return -1  # two different lengths: no client can frame it
+        value = lengths.pop()
+        return int(value) if value.isdigit() and len(value) < 19 else -1
+
     def feed(self, chunk: bytes) -> None:
         """Record one chunk of the response body; past the storable size, keep only the count."""
-        if self._body is None or self.policy is None:
+        if self.policy is None:
             return
         self._size += len(chunk)
+        if self._body is None:
+            return
         if self._size > self.policy.max_response_body:
             self._body = None
         elif chunk:
@@ -455,17 +474,6 @@ class Execution:
         except BaseException:
             await self.abort("the store_status policy raised an exception")
             raise
-        if final and self._body is not None and not self._length_matches():
-            # The handler ran, so releasing would run it again; kept as declared, every replay
-            # would be cut short the same way. Keep the body it sent, framed by its true length.
-            self._headers = [h for h in self._headers if h[0].lower() != b"content-length"]
-            self._headers.append((b"content-length", b"%d" % self._size))
-            logger.warning(
-                "retrysafe: %s %s answered %s with a body of %d bytes that does not match its"
-                " Content-Length; stored with its true length (record=%s)",
-                one_line(self.request.method), one_line(self.request.path), self._status,
-                self._size, self.rid[:6].hex(),
-            )  # fmt: skip
         self._stop()
         engine, request, rid = self.engine, self.request, self.rid
         try:
@@ -473,7 +481,10 @@ class Execution:
                 await engine.store.release(rid, self.token)
                 engine.report(Event.RELEASED, request, rid, self._status or None)
                 return
-            if self._body is None:
+            if self._body is None or not self._length_matches():
+                # Too large to keep, or not a whole response (the server cut it off where its
+                # own Content-Length said): the handler ran, so its retries are refused, never
+                # run again, and nothing broken is replayed.
                 state, data = State.NOT_REPLAYABLE, None
             else:
                 state = State.DONE
@@ -491,21 +502,27 @@ class Execution:
             )
         elif state is State.DONE:
             engine.report(Event.STORED, request, rid, self._status)
+        elif self._body is not None:
+            engine.report(
+                Event.BROKEN_RESPONSE, request, rid, self._status,
+                f"its body ({self._size} bytes) did not match its Content-Length;"
+                " kept as not replayable",
+            )  # fmt: skip
         else:
             engine.report(Event.NOT_REPLAYABLE, request, rid, self._status)
 
     def _length_matches(self) -> bool:
-        """False if the response declares a Content-Length its body does not have.
+        """False if the response declares a Content-Length its body does not have."""
+        return self._declared is None or self._declared == self._size
 
-        The server cuts such a response short (uvicorn raises at its end), so the first client
-        never got it whole. Bodiless responses (HEAD, 204, 304) declare lengths they do not carry.
+    @property
+    def overflowed(self) -> bool:
+        """Whether the body sent so far is longer than the response's own Content-Length.
+
+        The server refuses such a response (uvicorn raises from ``send``): it is recorded
+        at once, before that failure reaches the app and would release the key.
         """
-        if self._status in (204, 304) or self.request.method == "HEAD":
-            return True
-        for name, value in self._headers:
-            if name.lower() == b"content-length":
-                return value.strip().isdigit() and int(value) == self._size
-        return True
+        return self._declared is not None and self._size > self._declared
 
     async def abort(self, reason: str = "the handler failed") -> None:
         """The handler failed or the response was cut short: release the key for a retry."""

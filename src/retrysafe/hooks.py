@@ -25,6 +25,9 @@ class Event(enum.StrEnum):
     """The handler's final outcome was recorded for replay."""
     NOT_REPLAYABLE = "not-replayable"
     """The handler ran but its response was too large to keep."""
+    BROKEN_RESPONSE = "broken-response"
+    """The handler ran but its body did not match its own Content-Length (an app bug the
+    server cuts off): kept as not replayable, so retries are refused, never run again."""
     RELEASED = "released"
     """The outcome was not final (5xx, exception, ...): the key is free again."""
     REPLAYED = "replayed"
@@ -44,7 +47,12 @@ class Event(enum.StrEnum):
     """A running handler's claim was taken over or vanished; its outcome will not be recorded."""
 
 
-_WARNINGS = frozenset({Event.STORE_ERROR, Event.FAIL_OPEN, Event.CORRUPT_RECORD, Event.LEASE_LOST})
+_WARNINGS = frozenset(
+    {
+        Event.STORE_ERROR, Event.FAIL_OPEN, Event.CORRUPT_RECORD, Event.LEASE_LOST,
+        Event.BROKEN_RESPONSE,
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

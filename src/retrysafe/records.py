@@ -16,7 +16,8 @@ class State(enum.IntEnum):
     IN_FLIGHT = 0
     DONE = 1
     NOT_REPLAYABLE = 2
-    """Executed, but the response was too large to keep: retries are refused, never re-run."""
+    """Executed, but the response could not be kept (too large, or not whole): retries are
+    refused, never re-run."""
 
 
 @dataclass(frozen=True, slots=True)
