@@ -261,10 +261,16 @@ def exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
         b"POST /{path} HTTP/1.1\r\nHost: a.example:abc\r\n",
         b"POST /{path} HTTP/1.1\r\nHost: [::1\r\n",
         b"POST /{path} HTTP/1.1\r\nHost: a.example:123456\r\n",
+        b"POST /{path} HTTP/1.1\r\nHost: a.example:65536\r\n",
+        b"POST /{path} HTTP/1.1\r\nHost: a%2Cb.example\r\n",
+        b"POST /{path} HTTP/1.1\r\nHost: :80\r\n",
+        b"POST /{path} HTTP/1.1\r\nHost: [1.2.3.4]\r\n",
+        b"POST /{path} HTTP/1.1\r\nHost: [:]\r\n",
     ],
     ids=[
         "two-hosts", "no-host", "slash", "userinfo", "comma-list", "colons", "brackets",
-        "port-not-digits", "unclosed-literal", "port-too-long",
+        "port-not-digits", "unclosed-literal", "port-too-long", "port-over-65535",
+        "escape-in-name", "port-without-name", "ipv4-in-brackets", "not-ipv6",
     ],
 )  # fmt: skip
 def test_an_ambiguous_host_is_refused_before_the_upstream(
@@ -294,7 +300,8 @@ def test_an_http_1_0_request_without_host_is_forwarded(gateway: str, raw: RawUps
     "host",
     [
         b"a.example", b"a.example:8080", b"127.0.0.1:80", b"[::1]:8080", b"[fe80::1%25eth0]",
-        b"xn--bcher-kva.example", b"a%2Eexample", b"a.example:", b"",
+        b"xn--bcher-kva.example", b"a.example:", b"a.example:00080", b"", b"a.example \t",
+        b"[::ffff:1.2.3.4]:443",
     ],
 )  # fmt: skip
 def test_a_well_formed_host_is_forwarded(gateway: str, raw: RawUpstream, host: bytes) -> None:

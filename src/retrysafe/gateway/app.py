@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import ipaddress
 import json
 import os
 import re
@@ -217,15 +218,34 @@ class Gateway:
 
 
 _HOST = re.compile(
-    rb"(?:(?:[A-Za-z0-9\-._~]|%[0-9A-Fa-f]{2})*"  # a name or IPv4 address (RFC 3986 reg-name)
-    rb"|\[[0-9A-Fa-f:.]+(?:%25(?:[A-Za-z0-9\-._~]|%[0-9A-Fa-f]{2})+)?\])"  # [IPv6%25zone]
-    rb"(?::[0-9]{0,5})?"  # an optional port
+    rb"(?:(?P<name>[A-Za-z0-9\-._~]+)"  # a name or an IPv4 address: no escapes, no delimiters
+    rb"|\[(?P<ipv6>[0-9A-Fa-f:.]+)(?:%25[A-Za-z0-9\-._~]+)?\])"  # [IPv6] or [IPv6%25zone]
+    rb"(?::(?P<port>[0-9]{0,10}))?"
 )
-"""What a Host may hold (RFC 9110 7.2: uri-host and an optional port; empty is allowed).
+"""The shape of a Host (RFC 9110 7.2: uri-host and an optional port), stricter than RFC 3986.
 
-Stricter than RFC 3986 on names: no sub-delimiters, so ``a.example,b.example`` or
-``a=b`` cannot mean one host to the gateway and another behind it.
+Names hold no percent-escapes or sub-delimiters: ``a.example,b.example``, ``a%2Cb`` or
+``a=b`` could mean one host to the gateway and another to what is behind it.
 """
+
+
+def _host_ok(value: bytes) -> bool:
+    """Whether ``value`` is one host, unambiguously: a name or address and an optional port."""
+    value = value.strip(b" \t")  # optional whitespace around a field value (RFC 9110 5.5)
+    if not value:
+        return True  # allowed: an empty Host says the target has no authority
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return False
+    port, ipv6 = match["port"], match["ipv6"]
+    if port and int(port) > 65535:
+        return False
+    if ipv6 is not None:
+        try:
+            ipaddress.IPv6Address(ipv6.decode("ascii"))
+        except ValueError:
+            return False
+    return True
 
 
 def _bad_host(scope: Scope) -> str:
@@ -237,7 +257,7 @@ def _bad_host(scope: Scope) -> str:
         if scope.get("http_version", "1.1") != "1.1":
             return ""  # HTTP/1.0 predates Host; HTTP/2 and 3 carry :authority instead
         return "An HTTP/1.1 request must carry a Host header."
-    if _HOST.fullmatch(hosts[0]) is None:
+    if not _host_ok(hosts[0]):
         return "The Host header is not a host name or address with an optional port."
     return ""
 
