@@ -284,3 +284,265 @@ def test_operator_mistakes_are_reported_not_raised(
     status, _, err = run_cli(capsys, "keys", "list", "--older-than", "soon", "--store", url)
     assert status == 2
     assert "not a duration" in err
+
+
+def test_looking_at_a_file_that_is_no_ledger_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Listing, showing, counting, purging or deleting in an SQLite file without the ledger's
+    table (or with a mistyped ?table=) is an error, and the file is left as it was."""
+    import sqlite3
+
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE notes (body TEXT)")
+    before = path.read_bytes()
+    for url in (f"sqlite:///{path}", f"sqlite:///{path}?table=typo"):
+        for argv in (
+            ["keys", "list"], ["keys", "show", "k"], ["stats"], ["keys", "purge"],
+            ["keys", "delete", "k", "--yes"],
+        ):  # fmt: skip
+            status, out, err = run_cli(capsys, *argv, "--store", url)
+            assert status == 1, (argv, out, err)
+            assert "no ledger table" in err
+            assert "retrysafe store init" in err
+    assert path.read_bytes() == before  # no table, no WAL mode, no user_version
+    assert not Path(f"{path}-wal").exists()
+
+
+def test_looking_at_a_missing_postgres_table_creates_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``keys list`` and ``stats`` on a PostgreSQL URL whose table does not exist say so and
+    issue no DDL; ``store init`` then creates it."""
+    url = fresh_url("postgres", tmp_path)
+    try:
+        for argv in (["keys", "list"], ["stats"]):
+            status, _, err = run_cli(capsys, *argv, "--store", url)
+            assert status == 1
+            assert "retrysafe store init" in err
+        assert (
+            run_cli(capsys, "stats", "--store", url)[0] == 1
+        )  # still missing: nothing was created by the first two
+        assert run_cli(capsys, "store", "init", url)[0] == 0
+        assert run_cli(capsys, "stats", "--store", url)[0] == 0
+    finally:
+        drop_postgres_table(url)
+
+
+def test_store_init_creates_an_sqlite_ledger(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``store init sqlite:///new.db`` creates the file and its table: ``stats`` then works."""
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    status, out, err = run_cli(capsys, "store", "init", url)
+    assert (status, err) == (0, "")
+    assert (tmp_path / "new.db").exists()
+    status, out, err = run_cli(capsys, "stats", "--store", url, "--json")
+    assert status == 0, err
+    assert json.loads(out)["done"] == 0
+
+
+def test_a_cursor_of_no_page_is_refused(ledger: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A mangled ``--cursor`` is a one-line error with status 2 on every ledger."""
+    post(ledger, App(), [("c-0", ALICE)])
+    status, _, err = run_cli(capsys, "keys", "list", "--store", ledger, "--cursor", "zz|q")
+    assert status == 2
+    assert err.startswith("retrysafe: --cursor: ")
+    assert len(err.splitlines()) == 1
+
+
+def test_the_next_page_hint_can_be_pasted_into_a_shell(
+    ledger: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The "more:" line quotes its cursor (Redis's holds "|"): split as a shell would, it
+    continues the listing."""
+    import shlex
+
+    post(ledger, App(), [(f"p-{i}", ALICE) for i in range(12)])
+    ids: set[str] = set()
+    cursor: str | None = None
+    for _ in range(30):
+        options = ["--limit", "2"] + ([] if cursor is None else ["--cursor", cursor])
+        status, out, err = run_cli(capsys, "keys", "list", "--store", ledger, *options)
+        assert status == 0, err
+        lines = out.splitlines()
+        ids |= {line.split()[0] for line in lines[1:] if not line.startswith("more: ")}
+        more = [line for line in lines if line.startswith("more: ")]
+        if not more:
+            break
+        words = shlex.split(more[0].removeprefix("more: ").split(" (and")[0])
+        cursor = words[words.index("--cursor") + 1]
+    assert len(ids) == 12
+
+
+class Terminal:
+    """A stdin that is a terminal whose user answers with ``answer`` (or ends the input)."""
+
+    def __init__(self, answer: str | BaseException) -> None:
+        self.answer = answer
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self) -> str:
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+@pytest.mark.parametrize("answer", ["", "n\n", KeyboardInterrupt()], ids=["eof", "no", "ctrl-c"])
+def test_a_delete_not_confirmed_deletes_nothing(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    answer: str | BaseException,
+) -> None:
+    """At the confirmation prompt, "n", end of input (Ctrl-D) or Ctrl-C delete nothing and
+    exit 1, without a traceback."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    post(url, App(), [("keep-me", ALICE)])
+    monkeypatch.setattr("sys.stdin", Terminal(answer))
+    status, out, err = run_cli(
+        capsys, "keys", "delete", "keep-me", "-H", f"Authorization: {ALICE}", "--store", url
+    )
+    assert (status, err) == (1, "")
+    assert "nothing deleted" in out
+    assert len(listing(capsys, url)["records"]) == 1
+
+
+def test_headers_are_taken_as_the_bytes_typed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A credential with non-Latin-1 text names the record its caller made with those UTF-8
+    bytes; a header without a colon is refused without repeating it."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    token = "Bearer 日本-token"
+
+    async def make() -> None:
+        layer = IdempotencyMiddleware(App(), store=url)
+        try:
+            transport = httpx.ASGITransport(app=layer)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                headers = {b"Idempotency-Key": b"utf8", b"Authorization": token.encode()}
+                assert (await client.post("/charges", headers=headers)).status_code == 201
+        finally:
+            await layer.aclose()
+
+    asyncio.run(make())
+    status, out, err = run_cli(
+        capsys, "keys", "show", "utf8", "-H", f"Authorization: {token}", "--store", url
+    )
+    assert status == 0, err
+    assert "done" in out
+    status, _, err = run_cli(
+        capsys, "keys", "show", "utf8", "-H", "Authorization Bearer sk_live_SECRET", "--store", url
+    )
+    assert status == 2
+    assert "sk_live_SECRET" not in err
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://admin:hunter2@db/x.db",
+        "redis://:hunter2@[::1/0",
+        "postgresql://u:hunter2@h:99999/d",
+    ],
+    ids=["sqlite-netloc", "bad-ipv6", "port-out-of-range"],
+)
+def test_a_bad_store_url_is_one_line_without_its_password(
+    capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    """A store URL that cannot be used is refused in one line with status 2; its password is
+    not printed."""
+    status, _, err = run_cli(capsys, "stats", "--store", url)
+    assert status == 2
+    assert err.startswith("retrysafe: ")
+    assert len(err.splitlines()) == 1
+    assert "hunter2" not in err
+
+
+def test_record_ids_are_whole_bytes_and_delete_needs_a_long_prefix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An odd number of hex digits is named as such; ``delete --id`` wants the 12 digits the
+    logs print, so one byte cannot pick a record to delete."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    post(url, App(), [("one", ALICE)])
+    rid = listing(capsys, url)["records"][0]["id"]
+    status, _, err = run_cli(capsys, "keys", "show", "--id", rid[:5], "--store", url)
+    assert status == 2
+    assert "even number of hex digits" in err
+    status, _, err = run_cli(capsys, "keys", "delete", "--id", rid[:2], "--yes", "--store", url)
+    assert status == 2
+    assert "at least 12 hex digits" in err
+    assert len(listing(capsys, url)["records"]) == 1
+    status, _, err = run_cli(capsys, "keys", "delete", "--id", rid[:12], "--yes", "--store", url)
+    assert status == 0, err
+    assert listing(capsys, url)["records"] == []
+
+
+def test_an_in_flight_record_past_its_lease_shows_expired(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stuck key (in flight, lease run out) says "expired" under LEASE LEFT, not "-"."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+
+    async def claim() -> None:
+        store = open_store(url)
+        try:
+            assert await store.claim(secrets.token_bytes(32), 1, b"fp", 0.05, 60) is None
+        finally:
+            await store.aclose()
+
+    asyncio.run(claim())
+    time.sleep(0.2)
+    status, out, _ = run_cli(capsys, "keys", "list", "--store", url)
+    assert status == 0
+    row = out.splitlines()[1]
+    assert row.split()[2] == "in-flight"
+    assert row.split()[-1] == "expired"
+
+
+def test_memory_ledgers_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--store memory://`` would always look empty from another process: it is refused."""
+    status, _, err = run_cli(capsys, "stats", "--store", "memory://")
+    assert status == 2
+    assert "memory://" in err
+
+
+def test_a_filtered_listing_reads_whole_pages(tmp_path: Path) -> None:
+    """With a filter matching few records, the listing asks the store for pages of ``limit``,
+    not one record at a time."""
+    from retrysafe import admin
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    post(url, App(), [(f"a-{i}", ALICE) for i in range(40)] + [("b-0", BOB)])
+
+    async def scans() -> tuple[int, int]:
+        store = open_store(url)
+        try:
+            everything = (await admin.list_records(store, limit=100)).records
+            bob = {
+                r.scope
+                for _, r in everything
+                if sum(x.scope == r.scope for _, x in everything) == 1
+            }
+            sizes: list[int] = []
+            scan = store.scan
+
+            async def counted(cursor: str | None = None, limit: int = 100) -> Any:
+                sizes.append(limit)
+                return await scan(cursor, limit)
+
+            store.scan = counted  # type: ignore[method-assign]
+            found = await admin.list_records(store, limit=4, scope_tag=bob.pop())
+            assert set(sizes) == {4}
+            return len(sizes), len(found.records)
+        finally:
+            await store.aclose()
+
+    calls, found = asyncio.run(scans())
+    assert found == 1
+    assert calls <= 41 // 4 + 1

@@ -81,11 +81,16 @@ def scope_of(
         "POST",
         "/",
         b"",
-        [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers],
+        # The bytes typed, as a client sends them (argv's undecodable bytes come back as-is).
+        [(_wire(name.lower()), _wire(value)) for name, value in headers],
         b"",
     )
     function = credentials_scope(("authorization", *scope_headers), scope_cookies)
     return function(view)
+
+
+def _wire(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
 
 
 def record_id_of(namespace: str, scope: str | bytes | int | None, key: str) -> bytes:
@@ -113,14 +118,17 @@ async def list_records(
 ) -> Listing:
     """Live records matching every filter given, a page at a time.
 
-    Whole pages of the store are read until ``limit`` records matched or the ledger ends; a
-    store that pages loosely (Redis's SCAN) may give a few more than ``limit``. Ages are
-    measured from the claim that wrote the record.
+    Whole pages of ``limit`` records are read until ``limit`` records matched or the ledger
+    ends, and kept whole: with filters, or on a store that pages loosely (Redis's SCAN), a
+    listing may hold more than ``limit``. Ages are measured from the claim that wrote it.
     """
     now = time.time() if now is None else now
     found: list[tuple[bytes, Record]] = []
     while True:
-        page, cursor = await store.scan(cursor, max(limit - len(found), 1))
+        # Whole pages of ``limit``: asking only for the few still missing would read a
+        # filtered Redis ledger a record at a time. The pages are kept whole (the cursor
+        # continues after them), so a filtered listing may hold up to ``limit - 1`` more.
+        page, cursor = await store.scan(cursor, limit)
         for rid, record in page:
             age = now - record.created_at
             if (
@@ -203,9 +211,11 @@ def record_table(rows: Sequence[tuple[bytes, Record]], now: float) -> str:
         status = "-" if response is None else str(response.status)
         if record.response is not None and response is None:
             status = "damaged"
-        lease = (
-            format_duration(record.lease_until - now) if record.state is State.IN_FLIGHT else "-"
-        )
+        lease = "-"
+        if record.state is State.IN_FLIGHT:
+            # A lease run out marks a stuck key (its process died): say so, not "-".
+            left = record.lease_until - now
+            lease = format_duration(left) if left >= 0 else "expired"
         lines.append(
             (
                 rid.hex(),

@@ -10,6 +10,7 @@ import asyncio
 import importlib
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,7 @@ from .engine import DEFAULT_NAMESPACE, DEFAULT_STORE
 from .errors import ConfigError, StoreError
 from .gateway import cli as gateway_cli
 from .keys import MalformedKey, parse_key
-from .stores import SQLiteStore, Store, open_store, redact_url
+from .stores import MemoryStore, SQLiteStore, Store, open_store, redact_url
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -96,6 +97,8 @@ def _demo(args: argparse.Namespace) -> int:
 # -- operators' commands: keys, stats, store init ---------------------------------------------
 
 STORE_ENV = "RETRYSAFE_STORE"
+DELETE_ID_BYTES = 6
+"""The shortest record-id prefix ``keys delete --id`` accepts: what the logs print."""
 
 
 def _age(text: str) -> float:
@@ -116,6 +119,8 @@ def _positive(text: str) -> int:
 
 
 def _hex(text: str) -> bytes:
+    if len(text.strip()) % 2:
+        raise argparse.ArgumentTypeError(f"an even number of hex digits, please: {text!r}")
     try:
         value = bytes.fromhex(text)
     except ValueError:
@@ -128,7 +133,8 @@ def _hex(text: str) -> bytes:
 def _header(text: str) -> tuple[str, str]:
     name, sep, value = text.partition(":")
     if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"write 'Name: value', not {text!r}")
+        # The text is not repeated: it may well be a credential with its colon forgotten.
+        raise argparse.ArgumentTypeError("write 'Name: value' (no colon found)")
     return name.strip(), value.strip()
 
 
@@ -263,9 +269,15 @@ def _with_store(
     except ConfigError as exc:
         print(f"retrysafe: {exc}", file=sys.stderr)
         return 2
-    if isinstance(store, SQLiteStore) and not create and not os.path.exists(store.path):
-        print(f"retrysafe: no ledger at {store.path}", file=sys.stderr)
+    if isinstance(store, MemoryStore):
+        print("retrysafe: a memory:// ledger lives inside its own process", file=sys.stderr)
         return 2
+    if not create:
+        # Looking at a ledger never creates one: a mistyped file or table is an error.
+        store.create = False
+        if isinstance(store, SQLiteStore) and not os.path.exists(store.path):
+            print(f"retrysafe: no ledger at {store.path}", file=sys.stderr)
+            return 2
 
     async def run() -> int:
         try:
@@ -287,16 +299,20 @@ def _print_json(data: object) -> None:
 def _keys_list(args: argparse.Namespace) -> int:
     async def work(store: Store) -> int:
         now = time.time()
-        listing = await admin.list_records(
-            store,
-            limit=args.limit,
-            cursor=args.cursor,
-            scope_tag=args.scope_tag,
-            state=None if args.state is None else admin.STATES_BY_NAME[args.state],
-            older_than=args.older_than,
-            newer_than=args.newer_than,
-            now=now,
-        )
+        try:
+            listing = await admin.list_records(
+                store,
+                limit=args.limit,
+                cursor=args.cursor,
+                scope_tag=args.scope_tag,
+                state=None if args.state is None else admin.STATES_BY_NAME[args.state],
+                older_than=args.older_than,
+                newer_than=args.newer_than,
+                now=now,
+            )
+        except ValueError as exc:  # a cursor of another ledger, or mangled
+            print(f"retrysafe: --cursor: {exc}", file=sys.stderr)
+            return 2
         if args.json:
             records = [admin.record_as_dict(rid, r, now) for rid, r in listing.records]
             _print_json({"records": records, "next_cursor": listing.cursor})
@@ -306,7 +322,8 @@ def _keys_list(args: argparse.Namespace) -> int:
         else:
             print("no records")
         if listing.cursor is not None:
-            print(f"more: retrysafe keys list --cursor {listing.cursor} (and the same options)")
+            more = shlex.quote(listing.cursor)
+            print(f"more: retrysafe keys list --cursor {more} (and the same options)")
         return 0
 
     return _with_store(args, work)
@@ -385,6 +402,8 @@ def _keys_show(args: argparse.Namespace) -> int:
 
 def _keys_delete(args: argparse.Namespace) -> int:
     problem = _check_named(args)
+    if problem is None and args.id is not None and len(args.id) < DELETE_ID_BYTES:
+        problem = f"--id: give at least {2 * DELETE_ID_BYTES} hex digits to delete (logs show 12)"
     if problem:
         print(f"retrysafe: {problem}", file=sys.stderr)
         return 2
@@ -401,7 +420,13 @@ def _keys_delete(args: argparse.Namespace) -> int:
         if not args.yes:
             state = admin.STATE_NAMES[record.state]
             question = f"delete {state} record {rid.hex()}? its key will run again [y/N] "
-            answer = await asyncio.to_thread(input, question)
+            try:
+                # Asked on the loop's own thread: nothing else runs meanwhile, and Ctrl-C
+                # interrupts the question itself (a worker thread would hold the exit).
+                answer = input(question)  # noqa: ASYNC250
+            except (EOFError, KeyboardInterrupt):
+                answer = ""
+                print()
             if answer.strip().lower() not in {"y", "yes"}:
                 print("nothing deleted")
                 return 1

@@ -31,6 +31,7 @@ class _SQLiteOptions(TypedDict, total=False):
     busy_timeout: float
     synchronous: str
     table: str
+    create: bool
 
 
 def open_store(url: str) -> Store:
@@ -39,7 +40,11 @@ def open_store(url: str) -> Store:
     Options are query parameters (``sqlite:///ledger.db?busy_timeout=2``); an unknown,
     repeated or malformed one is a :class:`ConfigError`.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is no number or out of range
+    except ValueError as exc:
+        raise ConfigError(f"{redact_url(url)}: not a valid store URL ({exc})") from None
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     repeated = sorted(name for name, n in Counter(name for name, _ in pairs).items() if n > 1)
     if repeated:
@@ -53,11 +58,12 @@ def open_store(url: str) -> Store:
     if parts.scheme == "sqlite":
         if parts.netloc:
             raise ConfigError(
-                f"{url!r}: write sqlite:///relative.db or sqlite:////absolute.db (three slashes)"
+                f"{redact_url(url)}: write sqlite:///relative.db or sqlite:////absolute.db"
+                " (three slashes)"
             )
         path = parts.path[1:]
         if not path:
-            raise ConfigError(f"{url!r}: the sqlite URL names no file")
+            raise ConfigError(f"{redact_url(url)}: the sqlite URL names no file")
         kwargs: _SQLiteOptions = {}
         if "busy_timeout" in options:
             raw = options.pop("busy_timeout")
@@ -65,17 +71,19 @@ def open_store(url: str) -> Store:
                 kwargs["busy_timeout"] = float(raw)
             except ValueError:
                 raise ConfigError(
-                    f"{url!r}: busy_timeout must be a number of seconds, not {raw!r}"
+                    f"{redact_url(url)}: busy_timeout must be a number of seconds, not {raw!r}"
                 ) from None
         if "synchronous" in options:
             kwargs["synchronous"] = options.pop("synchronous")
         if "table" in options:
             kwargs["table"] = options.pop("table")
+        if "create" in options:
+            kwargs["create"] = parse_flag(url, "create", options.pop("create"))
         _no_options(url, options)
         try:
             return SQLiteStore(path, **kwargs)
         except ConfigError as exc:
-            raise ConfigError(f"{url!r}: {exc}") from None
+            raise ConfigError(f"{redact_url(url)}: {exc}") from None
     if parts.scheme in REDIS_SCHEMES:
         try:
             from .redis import RedisStore
@@ -123,6 +131,14 @@ def redact_url(url: str) -> str:
     elif query == parts.query:
         return repr(url)
     return repr(parts._replace(query=query).geturl())
+
+
+def parse_flag(url: str, name: str, text: str) -> bool:
+    """A true/false URL option."""
+    flag = text.lower()
+    if flag not in {"true", "false", "1", "0", "yes", "no", "on", "off"}:
+        raise ConfigError(f"{redact_url(url)}: {name} must be true or false, not {text!r}")
+    return flag in {"true", "1", "yes", "on"}
 
 
 def _no_options(url: str, options: dict[str, str]) -> None:

@@ -47,6 +47,9 @@ class Store(abc.ABC):
 
     poll_interval: float = 0.05
     """How often :meth:`wait` looks again, for stores that cannot notify."""
+    create: bool = True
+    """Whether first use may create what the ledger needs (its table); false: a missing
+    table is an error. Stores without a schema ignore it."""
 
     @abc.abstractmethod
     async def claim(
@@ -104,8 +107,8 @@ class Store(abc.ABC):
     ) -> tuple[list[tuple[bytes, Record]], str | None]:
         """Return a page of live records and the cursor of the next page (None: no more).
 
-        Pass the returned cursor back to continue; the order is the store's own. For operators'
-        tools, not for the request path.
+        Pass the returned cursor back to continue; the order is the store's own. A cursor this
+        store did not return is a ValueError. For operators' tools, not for the request path.
         """
 
     @abc.abstractmethod
@@ -139,3 +142,13 @@ class Store(abc.ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def cursor_after(cursor: str | None) -> bytes:
+    """The record id a keyset cursor (the hex of the last id returned) continues after."""
+    if not cursor:
+        return b""
+    try:
+        return bytes.fromhex(cursor)
+    except ValueError:
+        raise ValueError(f"not a cursor of this store: {cursor!r}") from None

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from ..records import Record, State
-from .base import Store, StoreStats
+from .base import Store, StoreStats, cursor_after
 
 __all__ = ["MemoryStore"]
 
@@ -114,7 +114,7 @@ class MemoryStore(Store):
     ) -> tuple[list[tuple[bytes, Record]], str | None]:
         with self._lock:
             now = self._clock()
-            after = bytes.fromhex(cursor) if cursor else b""
+            after = cursor_after(cursor)
             live = sorted(
                 (rid, r) for rid, r in self._records.items() if rid > after and r.expires_at > now
             )

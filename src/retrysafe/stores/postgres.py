@@ -56,8 +56,8 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from ..errors import ConfigError, CorruptRecord, StoreBusy, StoreUnavailable
 from ..records import Record, State
-from . import redact_url
-from .base import Store, StoreStats
+from . import parse_flag, redact_url
+from .base import Store, StoreStats, cursor_after
 
 # asyncpg ships no type information: it is used through the typed surface below.
 asyncpg: Any = importlib.import_module("asyncpg")
@@ -640,10 +640,7 @@ class PostgresStore(Store):
                     f"{where}: timeout must be a number of seconds, not {options['timeout']!r}"
                 ) from None
         if "create" in options:
-            flag = options["create"].lower()
-            if flag not in {"true", "false", "1", "0", "yes", "no", "on", "off"}:
-                raise ConfigError(f"{where}: create must be true or false, not {flag!r}")
-            kwargs["create"] = flag in {"true", "1", "yes", "on"}
+            kwargs["create"] = parse_flag(url, "create", options["create"])
         dsn = parts._replace(query=urlencode(passed)).geturl()
         try:
             store = cls(dsn, **kwargs)
@@ -896,7 +893,7 @@ class PostgresStore(Store):
     async def scan(
         self, cursor: str | None = None, limit: int = 100
     ) -> tuple[list[tuple[bytes, Record]], str | None]:
-        after = bytes.fromhex(cursor) if cursor else b""
+        after = cursor_after(cursor)
 
         async def op(conn: _Connection) -> list[Any]:
             return await conn.fetch(self._sql_scan, after, limit + 1)

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 from ..errors import ConfigError, CorruptRecord, StoreBusy, StoreUnavailable
 from ..records import Record, State
-from .base import Store, StoreStats
+from .base import Store, StoreStats, cursor_after
 
 __all__ = ["SQLiteStore"]
 
@@ -148,6 +148,7 @@ class SQLiteStore(Store):
         busy_timeout: float = 5.0,
         synchronous: str = "NORMAL",
         table: str = "retrysafe_records",
+        create: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if sqlite3.sqlite_version_info < MIN_SQLITE:
@@ -169,6 +170,8 @@ class SQLiteStore(Store):
         self.busy_timeout = busy_timeout
         self._synchronous = synchronous.upper()
         self._table = table
+        self.create = create
+        """Whether a missing ledger table is created on first use (else it is an error)."""
         self._clock = clock
         self._private = path in {"", ":memory:"}
         """Each connection to such a path is a database of its own."""
@@ -220,6 +223,8 @@ class SQLiteStore(Store):
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            if not self.create:
+                self._check_table(conn)
             # Small pages for a new ledger (an existing file keeps its own): every write
             # copies whole pages into the WAL and back at the checkpoint, and a claim or a
             # completion touches a few scattered ones. 1 KiB pages cut that from ~23 KiB to
@@ -256,6 +261,17 @@ class SQLiteStore(Store):
             conn.close()
             raise
         return conn
+
+    def _check_table(self, conn: sqlite3.Connection) -> None:
+        """Refuse a file without the ledger's table before anything writes to it."""
+        found = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (self._table,)
+        ).fetchone()
+        if found is None:
+            raise StoreUnavailable(
+                f"sqlite ledger {self.path}: no ledger table {self._table!r} (create=false:"
+                f" create it with `retrysafe store init sqlite:///{self.path}`)"
+            )
 
     def _connection(self) -> sqlite3.Connection:
         # Closed before every fork (_before_fork): each process opens its own, here.
@@ -539,7 +555,7 @@ class SQLiteStore(Store):
     async def scan(
         self, cursor: str | None = None, limit: int = 100
     ) -> tuple[list[tuple[bytes, Record]], str | None]:
-        after = bytes.fromhex(cursor) if cursor else b""
+        after = cursor_after(cursor)
 
         def op(conn: sqlite3.Connection) -> list[Any]:
             return conn.execute(self._sql_scan, (after, self._clock(), limit + 1)).fetchall()
@@ -558,6 +574,14 @@ class SQLiteStore(Store):
             return conn.execute(self._sql_stats, (self._clock(),)).fetchall()
 
         return StoreStats.tally(await self._run(op))
+
+    async def initialize(self) -> None:
+        """Create the ledger file and its table now, if missing (``retrysafe store init``)."""
+        create, self.create = self.create, True
+        try:
+            await self._run(lambda conn: None)
+        finally:
+            self.create = create
 
     async def aclose(self) -> None:
         with self._lock:
