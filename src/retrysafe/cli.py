@@ -386,15 +386,15 @@ def _keys_show(args: argparse.Namespace) -> int:
             _print_json(data)
             return 0
         for name in ("id", "scope", "state", "token", "status", "body_bytes", "age"):
-            print(f"{name:>10}: {data[name]}")
+            print(f"{name:>11}: {'-' if data[name] is None else data[name]}")
         for name in ("created_at", "expires_at", "lease_until"):
             if data[name] is not None:
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(data[name]))
-                print(f"{name:>10}: {stamp}")
+                print(f"{name:>11}: {stamp}")
         for header, value in data.get("headers", []):
-            print(f"{'header':>10}: {header}: {value}")
+            print(f"{'header':>11}: {header}: {value}")
         if data.get("damaged"):
-            print(f"{'response':>10}: damaged (it will be dropped when the key comes back)")
+            print(f"{'response':>11}: damaged (it will be dropped when the key comes back)")
         return 0
 
     return _with_store(args, work)
