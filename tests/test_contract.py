@@ -1604,6 +1604,43 @@ async def test_a_lone_surrogate_path_and_its_escaped_bytes_are_other_requests() 
     assert app.calls == 1
 
 
+@pytest.mark.parametrize(
+    ("status", "headers", "chunks"),
+    [
+        (201, [("content-type", "text/plain")], [b"created"]),  # str headers (h11 takes them)
+        (204, [], [b"x", b""]),  # a body streamed on a 204: the server refuses it
+    ],
+    ids=["str-headers", "204-with-body"],
+)
+async def test_a_response_that_cannot_be_kept_whole_is_not_run_again(
+    status: int, headers: list[tuple[Any, Any]], chunks: list[bytes]
+) -> None:
+    """A final answer the layer cannot record as it was sent is kept as not replayable:
+    the retry gets 410 replay-unavailable and the handler ran once."""
+    calls = 0
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal calls
+        calls += 1
+        await receive()
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        for i, chunk in enumerate(chunks):
+            more = i < len(chunks) - 1
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+    middleware = IdempotencyMiddleware(app, store="memory://")
+    key_header = [(b"idempotency-key", b"unkeepable")]
+    try:
+        first = await call_raw(middleware, "POST", "/o", key_header, b"{}")
+        retry = await call_raw(middleware, "POST", "/o", key_header, b"{}")
+    finally:
+        await middleware.aclose()
+    assert first[0] == status
+    assert retry[0] == 410
+    assert json.loads(retry[2])["type"].endswith("replay-unavailable")
+    assert calls == 1
+
+
 async def test_a_reused_body_buffer_is_replayed_as_sent() -> None:
     """Chunks sent from one reused bytearray are stored as they were sent, not as it ends."""
     calls = 0

@@ -29,9 +29,13 @@ def raw() -> Iterator[RawUpstream]:
 
 @pytest.fixture(scope="module")
 def gateway(raw: RawUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A gateway in front of the raw upstream: 2 s read timeout, idle connections kept 60 s."""
+    """A gateway in front of the raw upstream: 2 s read timeout, idle connections kept 60 s;
+    paths starting with /keep keep the key when the upstream fails."""
     directory = tmp_path_factory.mktemp("framing")
-    config = "[upstream]\nread_timeout = 2\nidle_timeout = 60\n"
+    config = (
+        "[upstream]\nread_timeout = 2\nidle_timeout = 60\n"
+        '[[routes]]\npath = "/keep*"\nupstream_failure = "keep"\n'
+    )
     store = f"sqlite:///{directory / 'ledger.db'}"
     with run_gateway(raw.url, directory, "--store", store, config=config) as process:
         yield process.url
@@ -313,3 +317,26 @@ def test_a_well_formed_host_is_forwarded(gateway: str, raw: RawUpstream, host: b
     )
     assert (status, body) == (200, b"ok")
     assert [line for _, line in raw.requests if path.encode() in line]
+
+
+@pytest.mark.parametrize(("prefix", "runs"), [("", 2), ("keep", 1)], ids=["release", "keep"])
+def test_an_upstream_cut_off_mid_body_follows_the_failure_policy(
+    gateway: str, raw: RawUpstream, prefix: str, runs: int
+) -> None:
+    """The upstream sent 201 and part of its body, then closed: by default the key is
+    released (the retry reaches the upstream again); with upstream_failure = "keep" it is kept
+    as not replayable, so the retry gets 410 and the upstream ran once."""
+    name = prefix + uuid.uuid4().hex[:12]
+    raw.answers[name] = [b"HTTP/1.1 201 Created\r\nContent-Length: 100\r\n\r\n0123456789", "close"]
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    with httpx.Client(base_url=gateway, timeout=30) as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            client.post(f"/{name}", headers=headers, content=b"x")
+        if runs == 1:
+            retry = client.post(f"/{name}", headers=headers, content=b"x")
+            assert retry.status_code == 410
+            assert retry.json()["type"].endswith("replay-unavailable")
+        else:
+            with pytest.raises(httpx.RemoteProtocolError):
+                client.post(f"/{name}", headers=headers, content=b"x")
+    assert sum(1 for _, line in raw.requests if f"/{name} ".encode() in line) == runs

@@ -339,6 +339,85 @@ def test_client_gone_mid_stream_of_starlette_app_still_completes_record(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def test_a_stream_outliving_its_lease_after_the_client_left_is_not_run_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Starlette stream whose client left and which runs past one lease is stopped (the
+    disconnect is passed on) and kept as not replayable: the retry gets 410, never a rerun."""
+    caplog.set_level(logging.WARNING)
+    runs: list[int] = []
+    gate = threading.Event()
+
+    async def endpoint(request: Request) -> StreamingResponse:
+        await request.body()
+        runs.append(1)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield CHUNKS[0]
+            await asyncio.to_thread(gate.wait, GATE_TIMEOUT)  # longer than the 1 s lease
+            for chunk in CHUNKS[1:]:
+                yield chunk
+
+        return StreamingResponse(chunks(), media_type="application/octet-stream")
+
+    app = Starlette(routes=[Route("/stream", endpoint, methods=["POST"])])
+    store = SQLiteStore(str(tmp_path / "ledger.db"))
+    recorder = Recorder(IdempotencyMiddleware(app, store=store, lease=1))
+    try:
+        with serve_in_thread(recorder) as url, httpx.Client(base_url=url, timeout=60) as client:
+            port = urlsplit(url).port
+            assert port is not None
+            request = (
+                b"POST /stream HTTP/1.1\r\nHost: test\r\nIdempotency-Key: gone-3\r\n"
+                b"Content-Length: 2\r\n\r\n{}"
+            )
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(request)
+                received = b""
+                while CHUNKS[0] not in received:
+                    data = sock.recv(65536)
+                    assert data, "the server closed the connection before the first chunk"
+                    received += data
+            # After one lease the middleware lets Starlette hear the disconnect: it stops.
+            poll_until(lambda: recorder.finished == 1, what="the abandoned stream to stop")
+            gate.set()
+            retry = client.post("/stream", headers={"Idempotency-Key": "gone-3"}, content=b"{}")
+    finally:
+        gate.set()
+        asyncio.run(store.aclose())
+    assert_problem(retry, 410, "replay-unavailable")
+    assert runs == [1]
+
+
+def test_an_app_that_returns_after_its_whole_declared_body_is_replayed(tmp_path: Path) -> None:
+    """All the bytes of its Content-Length sent, then a return without more_body=False: the
+    client had the whole answer, so the retry replays it and the app runs once."""
+    runs: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        runs.append(1)
+        headers = [(b"content-length", b"5")]
+        await send({"type": "http.response.start", "status": 201, "headers": headers})
+        await send({"type": "http.response.body", "body": b"hello", "more_body": True})
+
+    store = SQLiteStore(str(tmp_path / "ledger.db"))
+    try:
+        with serve_in_thread(IdempotencyMiddleware(app, store=store)) as url:
+            # One connection each: uvicorn closes the first, the app having broken the protocol.
+            headers = {"Idempotency-Key": "nofinal"}
+            first = httpx.post(url + "/x", headers=headers, timeout=60)
+            retry = httpx.post(url + "/x", headers=headers, timeout=60)
+    finally:
+        asyncio.run(store.aclose())
+    assert (first.status_code, first.content) == (201, b"hello")
+    assert (retry.status_code, retry.content) == (201, b"hello")
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert runs == [1]
+
+
 def test_chunked_request_body_is_fingerprinted_and_replayed(serve: Serve) -> None:
     """A chunked request body (no Content-Length) is read whole, fingerprinted and replayed."""
     with serve(App()) as served:

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Unpack
 
 from .engine import DEFAULT_STORE, Engine, EngineOptions, Execution, Replay
-from .errors import ConfigError
+from .errors import ConfigError, ResponseCutShort
 from .fingerprint import RequestView
 from .policy import Policy
 from .problems import Problem
@@ -179,6 +179,7 @@ class _Responder:
         "complete",
         "execution",
         "gone_at",
+        "left",
         "receive",
         "send",
     )
@@ -190,6 +191,8 @@ class _Responder:
         self.body_sent = False
         self.gone_at: float | None = None
         """When sending to the client first failed: the client is gone."""
+        self.left = False
+        """Whether the app was told that the client disconnected."""
         self.complete = asyncio.Event()
         """Set once the app has sent its whole response (or has returned)."""
 
@@ -198,13 +201,24 @@ class _Responder:
         self.send = send
         try:
             await self.app(scope, self.wrapped_receive, self.wrapped_send)
-        except BaseException:
-            await self.execution.abort("the handler raised an exception")
+        except BaseException as exc:
+            if isinstance(exc, ResponseCutShort):
+                await self.execution.finish(cut_short=str(exc) or "the app could not finish it")
+            elif (self.gone_at is not None or self.left) and not isinstance(
+                exc, asyncio.CancelledError
+            ):
+                # Raised once its client had left (frameworks turn a failed send into an
+                # error of their own): the status already sent decides, as on a return.
+                await self.execution.finish(cut_short=f"the client left ({type(exc).__name__})")
+            else:
+                await self.execution.abort("the handler raised an exception")
             raise
         finally:
             self.complete.set()
-        # An app that returns without finishing its response has not given a final outcome.
-        await self.execution.abort("the handler returned without a complete response")
+        # Returned without finishing its response: after a status it had sent, the handler ran
+        # (a stream stopped because its client left, say), so that status decides (rule 14);
+        # with none, there is no outcome and the key is released.
+        await self.execution.finish(cut_short="the handler returned before the end of its body")
 
     async def wrapped_receive(self) -> Message:
         if not self.body_sent:
@@ -218,6 +232,7 @@ class _Responder:
             # Starlette's StreamingResponse, still completes the response kept for the retry.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.complete.wait(), policy.lease)
+            self.left = True
         return message
 
     async def wrapped_send(self, message: Message) -> None:

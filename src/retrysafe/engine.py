@@ -49,6 +49,7 @@ REPLAYED_HEADER = (b"idempotent-replayed", b"true")
 PURGE_INTERVAL = 60.0
 """Seconds between two sweeps of expired records by one engine."""
 PURGE_BATCH = 500
+UNRELEASED = "the key could not be released; it stays busy until its lease ends"
 OFFLOAD_BODY = 256 << 10
 """Bodies larger than this are fingerprinted in a worker thread, off the event loop."""
 
@@ -438,10 +439,12 @@ class Execution:
             self._headers = [(name, value) for name, value in headers if name.lower() not in denied]
 
     def _declared_length(self, status: int, headers: list[tuple[bytes, bytes]]) -> int | None:
-        """The body length the response declares; -1 if it declares it unusably; None if
-        it declares none or carries no body (HEAD, 204, 304 declare lengths they omit)."""
-        if status in (204, 304) or self.request.method == "HEAD":
-            return None
+        """The body length the response declares (0 for 204 and 304, which have none); -1 if
+        it declares it unusably; None if it declares none, or answers a HEAD."""
+        if self.request.method == "HEAD":
+            return None  # a HEAD response declares the length of a body it omits
+        if status in (204, 304):
+            return 0  # bodiless whatever they declare (a 304 may give the 200's length)
         lengths = {v.strip() for n, v in headers if n.lower() == b"content-length"}
         if not lengths:
             return None
@@ -464,8 +467,10 @@ class Execution:
             # chunk once the server has written this one, which would change the stored copy.
             self._body.append(chunk if type(chunk) is bytes else bytes(chunk))
 
-    async def finish(self) -> None:
-        """The response is complete: store it if its status is final, else release the key."""
+    async def finish(self, cut_short: str = "") -> None:
+        """The response is complete, or with ``cut_short`` (why) it began and will not end:
+        store it if its status is final (as not replayable unless whole), else release the key.
+        """
         if self._done:
             return
         assert self.policy is not None
@@ -474,42 +479,53 @@ class Execution:
         except BaseException:
             await self.abort("the store_status policy raised an exception")
             raise
-        self._stop()
         engine, request, rid = self.engine, self.request, self.rid
-        try:
-            if not final:
+        if not final:
+            self._stop()
+            try:
                 await engine.store.release(rid, self.token)
-                engine.report(Event.RELEASED, request, rid, self._status or None)
+            except (StoreError, CorruptRecord) as exc:
+                self._lost(
+                    f"the key could not be released; it stays busy until its lease ends: {exc}"
+                )
                 return
-            if self._body is None or not self._length_matches():
-                # Too large to keep, or not a whole response (the server cut it off where its
-                # own Content-Length said): the handler ran, so its retries are refused, never
-                # run again, and nothing broken is replayed.
-                state, data = State.NOT_REPLAYABLE, None
-            else:
-                state = State.DONE
-                data = StoredResponse(self._status, self._headers, b"".join(self._body)).encode()
+            engine.report(Event.RELEASED, request, rid, self._status or None, cut_short)
+            return
+        # The handler ran: whatever is kept, its retries never run it again (rule 18).
+        state, data, event, detail = State.NOT_REPLAYABLE, None, Event.NOT_REPLAYABLE, ""
+        if cut_short and not (self._declared is not None and self._declared == self._size):
+            detail = f"the response was cut short ({cut_short}); kept as not replayable"
+        elif self._body is None:
+            pass  # too large to keep
+        elif not self._length_matches():
+            event = Event.BROKEN_RESPONSE
+            expected = "none" if self._declared == 0 else "its Content-Length"
+            detail = f"its body ({self._size} bytes) is not {expected}; kept as not replayable"
+        else:
+            try:
+                body = b"".join(self._body)
+                data = StoredResponse(self._status, self._headers, body).encode()
+                state, event = State.DONE, Event.STORED
+            except (TypeError, ValueError) as exc:  # headers that are not bytes, say
+                event = Event.BROKEN_RESPONSE
+                detail = f"its headers cannot be recorded ({exc}); kept as not replayable"
+        self._stop()
+        try:
             held = await engine.store.complete(rid, self.token, state, data, self.policy.ttl)
         except (StoreError, CorruptRecord) as exc:
-            engine.report(
-                Event.STORE_ERROR, request, rid, self._status,
-                f"the outcome was not recorded; the key stays busy until its lease ends: {exc}",
-            )  # fmt: skip
+            self._lost(
+                f"the outcome was not recorded; the key stays busy until its lease ends: {exc}"
+            )
             return
         if not held:
             engine.report(
                 Event.LEASE_LOST, request, rid, self._status, "the outcome was not recorded"
             )
-        elif state is State.DONE:
-            engine.report(Event.STORED, request, rid, self._status)
-        elif self._body is not None:
-            engine.report(
-                Event.BROKEN_RESPONSE, request, rid, self._status,
-                f"its body ({self._size} bytes) did not match its Content-Length;"
-                " kept as not replayable",
-            )  # fmt: skip
         else:
-            engine.report(Event.NOT_REPLAYABLE, request, rid, self._status)
+            engine.report(event, request, rid, self._status, detail)
+
+    def _lost(self, detail: str) -> None:
+        self.engine.report(Event.STORE_ERROR, self.request, self.rid, self._status or None, detail)
 
     def _length_matches(self) -> bool:
         """False if the response declares a Content-Length its body does not have."""
@@ -525,15 +541,12 @@ class Execution:
         return self._declared is not None and self._size > self._declared
 
     async def abort(self, reason: str = "the handler failed") -> None:
-        """The handler failed or the response was cut short: release the key for a retry."""
+        """The handler failed (or never answered): release the key for a retry."""
         if not self._stop():
             return
         try:
             await self.engine.store.release(self.rid, self.token)
         except (StoreError, CorruptRecord) as exc:
-            self.engine.report(
-                Event.STORE_ERROR, self.request, self.rid, None,
-                f"the key could not be released; it stays busy until its lease ends: {exc}",
-            )  # fmt: skip
+            self._lost(f"{UNRELEASED}: {exc}")
             return
         self.engine.report(Event.RELEASED, self.request, self.rid, self._status or None, reason)

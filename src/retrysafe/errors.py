@@ -3,6 +3,7 @@
 RetrysafeError
 ├── ConfigError           bad configuration, found at start-up
 ├── CorruptRecord         a stored record cannot be decoded (treated as absent)
+├── ResponseCutShort      a response began with its status but could not be finished
 └── StoreError            the ledger failed
     └── StoreUnavailable  the ledger cannot be reached or is too busy right now
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "CorruptRecord",
+    "ResponseCutShort",
     "RetrysafeError",
     "StoreBusy",
     "StoreError",
@@ -25,6 +27,16 @@ class RetrysafeError(Exception):
 
 class ConfigError(RetrysafeError, ValueError):
     """The configuration is invalid (an unknown store URL, a negative lease, ...)."""
+
+
+class ResponseCutShort(RetrysafeError):
+    """Raised by an app whose response began but cannot be finished for a reason that is not
+    the handler failing (its work is done; delivering the rest failed).
+
+    The middleware then keeps the key, as not replayable when the status is final, instead of
+    releasing it into a second execution; the exception still reaches the server, which drops
+    the client's connection so that the truncated response never looks complete.
+    """
 
 
 class StoreError(RetrysafeError):

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
 
+from ..errors import ResponseCutShort
 from ..problems import DEFAULT_PROBLEM_BASE, Problem, ProblemType
 from .config import UPSTREAM_FAILURE, GatewaySettings, RouteSettings
 from .upstream import (
@@ -297,11 +298,13 @@ class Proxy:
         except UpstreamError as exc:
             # The response has begun: no problem can be sent any more. Failing the request
             # makes the server drop the client's connection (a truncated body never looks
-            # complete) and the middleware release the key.
+            # complete). The upstream answered, so it may well have done the work: the key
+            # is released, or with upstream_failure = "keep" kept as not replayable.
             if self.observer is not None:
                 self.observer.upstream_failed(route.label, _kind(exc))
             conn.abort()
-            raise
+            UPSTREAM_FAILURE.set("unknown")
+            raise ResponseCutShort(f"the upstream failed mid-body: {exc}") from exc
         except BaseException:
             conn.abort()
             raise
