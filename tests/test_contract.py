@@ -1641,6 +1641,103 @@ async def test_a_response_that_cannot_be_kept_whole_is_not_run_again(
     assert calls == 1
 
 
+async def test_an_exception_after_a_disconnect_still_releases_the_key() -> None:
+    """A handler that heard of a disconnect and then failed on its own (a rollback) has its
+    key released, as rule 14 says: the client's retry runs it again."""
+    calls = 0
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal calls
+        calls += 1
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        if calls == 1:
+            assert (await receive())["type"] == "http.disconnect"
+            raise RuntimeError("the commit failed; rolled back")
+        await send({"type": "http.response.body", "body": b" two"})
+
+    middleware = IdempotencyMiddleware(app, store="memory://", lease=0.2)
+    headers = [(b"idempotency-key", b"rolled-back")]
+    try:
+        with pytest.raises(RuntimeError):
+            await call_raw(middleware, "POST", "/o", headers, b"{}")
+        retry = await call_raw(middleware, "POST", "/o", headers, b"{}")
+    finally:
+        await middleware.aclose()
+    assert (retry[0], retry[2]) == (200, b"part two")
+    assert calls == 2
+
+
+async def test_a_stream_stopped_by_the_layer_is_kept_whatever_the_app_raises() -> None:
+    """On a server that raises from send once the client is gone, the layer lets the stream run
+    one lease and then stops it; the app turning that into an error of its own does not free
+    the key: the retry gets 410 and the handler ran once."""
+    calls = 0
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal calls
+        calls += 1
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            while True:  # an endless stream
+                await send({"type": "http.response.body", "body": b"tick", "more_body": True})
+                await asyncio.sleep(0.01)
+        except OSError as exc:
+            raise RuntimeError("client disconnected") from exc  # as Starlette does
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body" and sent:
+            raise OSError("the client is gone")  # ASGI 2.4: send raises once the client left
+        sent.append(message)
+
+    middleware = IdempotencyMiddleware(app, store="memory://", lease=0.2)
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/o", "raw_path": b"/o", "query_string": b"", "root_path": "",
+        "headers": [(b"idempotency-key", b"endless")], "client": None, "server": None,
+    }  # fmt: skip
+    try:
+        with pytest.raises(RuntimeError):
+            await middleware(scope, receive, send)
+        retry = await call_raw(middleware, "POST", "/o", [(b"idempotency-key", b"endless")], b"{}")
+    finally:
+        await middleware.aclose()
+    assert retry[0] == 410
+    assert calls == 1
+
+
+async def test_a_response_that_cannot_be_encoded_never_leaves_its_key_busy() -> None:
+    """A final answer with more headers than a record can hold is kept as not replayable at
+    once: the retry gets 410, not a 409 for as long as the process lives."""
+    calls = 0
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal calls
+        calls += 1
+        await receive()
+        headers = [(b"x-h", b"1")] * 70_000
+        await send({"type": "http.response.start", "status": 201, "headers": headers})
+        await send({"type": "http.response.body", "body": b"a"})
+
+    middleware = IdempotencyMiddleware(app, store="memory://", lease=0.2)
+    key_header = [(b"idempotency-key", b"many-headers")]
+    try:
+        await call_raw(middleware, "POST", "/o", key_header, b"{}")
+        await asyncio.sleep(0.5)  # past two leases: a claim left running would still be renewed
+        retry = await call_raw(middleware, "POST", "/o", key_header, b"{}")
+    finally:
+        await middleware.aclose()
+    assert retry[0] == 410
+    assert calls == 1
+
+
 async def test_a_reused_body_buffer_is_replayed_as_sent() -> None:
     """Chunks sent from one reused bytearray are stored as they were sent, not as it ends."""
     calls = 0

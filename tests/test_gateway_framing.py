@@ -319,15 +319,21 @@ def test_a_well_formed_host_is_forwarded(gateway: str, raw: RawUpstream, host: b
     assert [line for _, line in raw.requests if path.encode() in line]
 
 
-@pytest.mark.parametrize(("prefix", "runs"), [("", 2), ("keep", 1)], ids=["release", "keep"])
+@pytest.mark.parametrize(
+    ("prefix", "status", "runs"),
+    [("", b"201", 2), ("keep", b"201", 1), ("keep", b"503", 2), ("keep", b"429", 2)],
+    ids=["release", "keep", "keep-but-5xx", "keep-but-429"],
+)
 def test_an_upstream_cut_off_mid_body_follows_the_failure_policy(
-    gateway: str, raw: RawUpstream, prefix: str, runs: int
+    gateway: str, raw: RawUpstream, prefix: str, status: bytes, runs: int
 ) -> None:
-    """The upstream sent 201 and part of its body, then closed: by default the key is
-    released (the retry reaches the upstream again); with upstream_failure = "keep" it is kept
-    as not replayable, so the retry gets 410 and the upstream ran once."""
+    """The upstream sent its status and part of its body, then closed: by default the key is
+    released (the retry reaches the upstream again); with upstream_failure = "keep" a final
+    status is kept as not replayable (the retry gets 410, the upstream ran once), while a
+    status rule 14 releases is still released."""
     name = prefix + uuid.uuid4().hex[:12]
-    raw.answers[name] = [b"HTTP/1.1 201 Created\r\nContent-Length: 100\r\n\r\n0123456789", "close"]
+    head = b"HTTP/1.1 %b Cut\r\nContent-Length: 100\r\n\r\n" % status
+    raw.answers[name] = [head + b"0123456789", "close"]
     headers = {"Idempotency-Key": uuid.uuid4().hex}
     with httpx.Client(base_url=gateway, timeout=30) as client:
         with pytest.raises(httpx.RemoteProtocolError):

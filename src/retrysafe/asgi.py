@@ -178,8 +178,8 @@ class _Responder:
         "body_sent",
         "complete",
         "execution",
+        "gave_up",
         "gone_at",
-        "left",
         "receive",
         "send",
     )
@@ -191,8 +191,8 @@ class _Responder:
         self.body_sent = False
         self.gone_at: float | None = None
         """When sending to the client first failed: the client is gone."""
-        self.left = False
-        """Whether the app was told that the client disconnected."""
+        self.gave_up: OSError | None = None
+        """What this layer raised to stop an app streaming to a client long gone."""
         self.complete = asyncio.Event()
         """Set once the app has sent its whole response (or has returned)."""
 
@@ -204,12 +204,10 @@ class _Responder:
         except BaseException as exc:
             if isinstance(exc, ResponseCutShort):
                 await self.execution.finish(cut_short=str(exc) or "the app could not finish it")
-            elif (self.gone_at is not None or self.left) and not isinstance(
-                exc, asyncio.CancelledError
-            ):
-                # Raised once its client had left (frameworks turn a failed send into an
-                # error of their own): the status already sent decides, as on a return.
-                await self.execution.finish(cut_short=f"the client left ({type(exc).__name__})")
+            elif self.gave_up is not None and _caused_by(exc, self.gave_up):
+                # This layer stopped the stream (frameworks may turn that into an error of
+                # their own): the status already sent decides, as on a return.
+                await self.execution.finish(cut_short="the client left")
             else:
                 await self.execution.abort("the handler raised an exception")
             raise
@@ -232,7 +230,6 @@ class _Responder:
             # Starlette's StreamingResponse, still completes the response kept for the retry.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.complete.wait(), policy.lease)
-            self.left = True
         return message
 
     async def wrapped_send(self, message: Message) -> None:
@@ -268,6 +265,20 @@ class _Responder:
         elif self.execution.policy is not None and (
             time.monotonic() - self.gone_at > self.execution.policy.lease
         ):
-            raise OSError("the client disconnected")  # an endless stream: give up after a lease
+            # An endless stream: give up after a lease.
+            self.gave_up = OSError("the client disconnected")
+            raise self.gave_up
         if final:
             self.complete.set()
+
+
+def _caused_by(exc: BaseException, cause: BaseException) -> bool:
+    """Whether ``exc`` is ``cause`` or was raised while handling it (or from it)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if current is cause:
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False

@@ -493,7 +493,7 @@ class Execution:
             return
         # The handler ran: whatever is kept, its retries never run it again (rule 18).
         state, data, event, detail = State.NOT_REPLAYABLE, None, Event.NOT_REPLAYABLE, ""
-        if cut_short and not (self._declared is not None and self._declared == self._size):
+        if cut_short and not self._all_sent():
             detail = f"the response was cut short ({cut_short}); kept as not replayable"
         elif self._body is None:
             pass  # too large to keep
@@ -506,7 +506,7 @@ class Execution:
                 body = b"".join(self._body)
                 data = StoredResponse(self._status, self._headers, body).encode()
                 state, event = State.DONE, Event.STORED
-            except (TypeError, ValueError) as exc:  # headers that are not bytes, say
+            except Exception as exc:  # headers that are not bytes, too many, ...
                 event = Event.BROKEN_RESPONSE
                 detail = f"its headers cannot be recorded ({exc}); kept as not replayable"
         self._stop()
@@ -526,6 +526,11 @@ class Execution:
 
     def _lost(self, detail: str) -> None:
         self.engine.report(Event.STORE_ERROR, self.request, self.rid, self._status or None, detail)
+
+    def _all_sent(self) -> bool:
+        """Whether the body sent is all the response declared (a HEAD answer declares none)."""
+        declared = 0 if self.request.method == "HEAD" else self._declared
+        return declared is not None and declared == self._size
 
     def _length_matches(self) -> bool:
         """False if the response declares a Content-Length its body does not have."""

@@ -24,7 +24,8 @@ class Event(enum.StrEnum):
     STORED = "stored"
     """The handler's final outcome was recorded for replay."""
     NOT_REPLAYABLE = "not-replayable"
-    """The handler ran but its response was too large to keep."""
+    """The handler ran but its response was too large to keep, or was cut short after its
+    final status was sent (the client left, the app returned early)."""
     BROKEN_RESPONSE = "broken-response"
     """The handler ran but its body did not match its own Content-Length (an app bug the
     server cuts off): kept as not replayable, so retries are refused, never run again."""

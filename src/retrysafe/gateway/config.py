@@ -33,8 +33,9 @@ __all__ = [
 UPSTREAM_FAILURE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "retrysafe_gateway_upstream_failure", default=None
 )
-"""Set by the proxy (in the request's own task) when it answers 502/504 itself: ``"not-sent"``
-when the upstream never got the request, ``"unknown"`` when it may have executed it."""
+"""Set by the proxy (in the request's own task) when the upstream failed: ``"not-sent"`` when
+it never got the request and ``"unknown"`` when it may have executed it (the proxy answers
+502/504 itself), ``"cut-short"`` when its answer broke off after the status was forwarded."""
 
 OUTCOMES = ("default", "success")
 FAILURE_POLICIES = ("release", "keep")
@@ -65,8 +66,13 @@ class OutcomePolicy:
 
     def __call__(self, status: int) -> bool:
         failure = UPSTREAM_FAILURE.get()
+        if failure == "cut-short":  # the upstream's own status, cut off: kept only if final
+            return self.keep_upstream_failures and self._final(status)
         if failure is not None:
             return self.keep_upstream_failures and failure == "unknown"
+        return self._final(status)
+
+    def _final(self, status: int) -> bool:
         if status in self.release:
             return False
         if status in self.store:

@@ -303,7 +303,7 @@ class Proxy:
             if self.observer is not None:
                 self.observer.upstream_failed(route.label, _kind(exc))
             conn.abort()
-            UPSTREAM_FAILURE.set("unknown")
+            UPSTREAM_FAILURE.set("cut-short")
             raise ResponseCutShort(f"the upstream failed mid-body: {exc}") from exc
         except BaseException:
             conn.abort()
