@@ -346,3 +346,20 @@ def test_an_upstream_cut_off_mid_body_follows_the_failure_policy(
             with pytest.raises(httpx.RemoteProtocolError):
                 client.post(f"/{name}", headers=headers, content=b"x")
     assert sum(1 for _, line in raw.requests if f"/{name} ".encode() in line) == runs
+
+
+def test_a_keep_route_never_sends_a_request_twice_on_a_stale_connection(
+    gateway: str, raw: RawUpstream
+) -> None:
+    """On a reused connection the upstream read the keyed POST and closed without a word (ran
+    it and died?): a keep route answers 502 and keeps it, never sending it again itself."""
+    name = "keep" + uuid.uuid4().hex[:12]
+    raw.answers[name] = ["close"]
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    with httpx.Client(base_url=gateway, timeout=30) as client:
+        assert client.get("/warm").content == b"ok"  # an idle pooled connection to reuse
+        first = client.post(f"/{name}", headers=headers, content=b"x")
+        retry = client.post(f"/{name}", headers=headers, content=b"x")
+    assert first.status_code == 502
+    assert (retry.status_code, retry.headers.get(REPLAYED)) == (502, "true")
+    assert sum(1 for _, line in raw.requests if f"/{name} ".encode() in line) == 1

@@ -113,6 +113,17 @@ def test_hop_by_hop_headers_are_dropped_and_forwarding_headers_set(
     assert response.headers["via"] == "1.1 retrysafe"
 
 
+def test_the_key_reaches_the_upstream_even_when_connection_names_it(
+    gateway: tuple[str, Path],
+) -> None:
+    """``Connection: Idempotency-Key`` cannot strip the key on its way to the upstream."""
+    url, _ = gateway
+    key = uid()
+    headers = [("Connection", "keep-alive, Idempotency-Key"), ("Idempotency-Key", key)]
+    response = httpx.post(url + "/echo", headers=headers, content=b"payload")
+    assert dict(echo(response)["headers"]).get("idempotency-key") == key  # type: ignore[call-overload]
+
+
 def test_client_forwarding_claims_never_reach_the_upstream(gateway: tuple[str, Path]) -> None:
     """X-Real-IP and X-Forwarded-Port/-Prefix/-Server/-Host/-Proto from the client are dropped
     (an upstream trusting its proxy would believe them); only the gateway's own are sent."""

@@ -147,6 +147,8 @@ class RouteSettings:
     """The route's pattern (``default`` for no route): the metrics' ``route`` label."""
     read_timeout: float
     route: Route | None = None
+    keep_upstream_failures: bool = False
+    """``upstream_failure = "keep"``: a request the upstream may have run is never sent twice."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,7 +504,8 @@ def load_settings(config: str | Path | None = None, **flags: Any) -> GatewaySett
             _check_policy({**defaults, **options}, source, "routes", index)
         except ConfigError as exc:
             raise ConfigError(source.error(what, str(exc), "routes", index, "path")) from None
-        routes.append(RouteSettings(pattern, timeout, route))
+        keep = options["store_status"].keep_upstream_failures
+        routes.append(RouteSettings(pattern, timeout, route, keep))
 
     for name in ("header", "namespace"):
         if name in engine_globals and not engine_globals[name]:
@@ -513,7 +516,9 @@ def load_settings(config: str | Path | None = None, **flags: Any) -> GatewaySett
         upstream=upstream,
         defaults=PolicyOptions(**defaults),  # type: ignore[typeddict-item]
         routes=tuple(routes),
-        default_route=RouteSettings("default", default_timeout),
+        default_route=RouteSettings(
+            "default", default_timeout, None, defaults["store_status"].keep_upstream_failures
+        ),
         **gateway,
         **engine_globals,
     )

@@ -132,7 +132,8 @@ class Proxy:
         """The request line and headers for the upstream."""
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         hop = _connection_tokens(headers)
-        dropped = _REQUEST_DROPPED | hop if hop else _REQUEST_DROPPED
+        # The key is end to end whatever Connection says: the upstream may dedupe on it too.
+        dropped = (_REQUEST_DROPPED | hop) - {self.key_header} if hop else _REQUEST_DROPPED
         host = b""
         forwarded_for = b""
         forwarded = b""
@@ -204,10 +205,15 @@ class Proxy:
         method: str = scope["method"]
         # A reused connection may have been closed by the upstream as we picked it: such a
         # request is sent again on a new connection when that is safe (as Go's net/http does):
-        # the body is all here and the method is idempotent or the request carries a key.
+        # the body is all here and the method is idempotent or the request carries a key. Not
+        # on a route that keeps upstream failures: nothing back may also mean the upstream ran
+        # it and died, and such a route promises never to send it twice.
         replayable = not more and (
             method in _IDEMPOTENT_METHODS
-            or any(name == self.key_header for name, _ in scope["headers"])
+            or (
+                not route.keep_upstream_failures
+                and any(name == self.key_header for name, _ in scope["headers"])
+            )
         )
         started = time.perf_counter()
         conn: Connection | None = None
