@@ -363,3 +363,27 @@ def test_a_keep_route_never_sends_a_request_twice_on_a_stale_connection(
     assert first.status_code == 502
     assert (retry.status_code, retry.headers.get(REPLAYED)) == (502, "true")
     assert sum(1 for _, line in raw.requests if f"/{name} ".encode() in line) == 1
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"get / HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\nabc",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET ?x=1 HTTP/1.1\r\nHost: a\r\n\r\n",
+    ],
+    ids=["lowercase-method", "signed-length", "length-and-chunked", "no-path"],
+)
+def test_a_request_the_server_cannot_parse_gets_a_problem(
+    gateway: str, request_bytes: bytes
+) -> None:
+    """What the HTTP parser refuses is answered with a 400 malformed-request problem document,
+    not uvicorn's plain text."""
+    status, headers, body = exchange(gateway, request_bytes)
+    assert status == 400
+    assert headers["content-type"] == "application/problem+json"
+    assert headers["connection"] == "close"
+    document = json.loads(body)
+    assert document["type"].endswith("malformed-request")
+    assert document["status"] == 400

@@ -16,10 +16,12 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
 from ..asgi import IdempotencyMiddleware
 from ..engine import Engine
 from ..hooks import log_decision
-from ..problems import Problem, ProblemType
+from ..problems import DEFAULT_PROBLEM_BASE, Problem, ProblemType
 from ..stores import open_store
 from .admin import Metrics, TimedStore, log_access, store_health
 from .config import GatewaySettings, load_settings
@@ -264,5 +266,31 @@ def _bad_host(scope: Scope) -> str:
 
 def create_app() -> Gateway:
     """The worker's app, from :data:`SETTINGS_ENV` (the ``--factory`` of the server)."""
+    global _problem_base
     payload = json.loads(os.environ[SETTINGS_ENV])
-    return Gateway(load_settings(payload.get("config"), **payload.get("flags", {})))
+    settings = load_settings(payload.get("config"), **payload.get("flags", {}))
+    _problem_base = settings.problem_base
+    return Gateway(settings)
+
+
+_problem_base = DEFAULT_PROBLEM_BASE
+"""The worker's ``problem_base``, for answers given before a request reaches the app."""
+
+
+class ProblemHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol, answering a request it cannot parse with a problem
+    document (rule 24) instead of its plain-text 400."""
+
+    def send_400_response(self, msg: str) -> None:
+        problem = Problem(
+            ProblemType.MALFORMED_REQUEST, f"The request is not valid HTTP/1.1: {msg}"
+        )
+        body = problem.body(_problem_base)
+        fields = [
+            *problem.headers(len(body)),
+            (b"date", email.utils.formatdate(usegmt=True).encode()),
+            (b"connection", b"close"),
+        ]
+        head = b"".join(b"%s: %s\r\n" % field for field in fields)
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\n" + head + b"\r\n" + body)
+        self.transport.close()

@@ -81,6 +81,7 @@ def serve(settings: GatewaySettings, config: str | None, flags: dict[str, Any]) 
         uvicorn.run(
             "retrysafe.gateway.app:create_app",
             factory=True,
+            http="retrysafe.gateway.app:ProblemHttpProtocol",  # problem documents for bad HTTP
             host=settings.host,
             port=settings.port,
             workers=settings.workers,
