@@ -287,13 +287,9 @@ def test_client_gone_mid_response_still_completes_record(serve: Serve) -> None:
         assert_healthy(served)
 
 
-def test_client_gone_mid_stream_of_starlette_app_still_completes_record(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A Starlette StreamingResponse whose client leaves mid-stream is recorded, never re-run."""
-    caplog.set_level(logging.WARNING)
-    runs: list[int] = []
-    gate = threading.Event()
+def gated_stream_app(runs: list[int], gate: threading.Event) -> Starlette:
+    """A Starlette app whose ``POST /stream`` counts a run in ``runs``, streams ``CHUNKS[0]``,
+    waits for ``gate``, then streams the other chunks."""
 
     async def endpoint(request: Request) -> StreamingResponse:
         await request.body()
@@ -307,23 +303,37 @@ def test_client_gone_mid_stream_of_starlette_app_still_completes_record(
 
         return StreamingResponse(chunks(), media_type="application/octet-stream")
 
-    app = Starlette(routes=[Route("/stream", endpoint, methods=["POST"])])
+    return Starlette(routes=[Route("/stream", endpoint, methods=["POST"])])
+
+
+def post_and_leave(url: str, key: str) -> None:
+    """POST /stream with ``key`` on a raw connection, read up to the first chunk, hang up."""
+    port = urlsplit(url).port
+    assert port is not None
+    request = (
+        b"POST /stream HTTP/1.1\r\nHost: test\r\nIdempotency-Key: %b\r\n"
+        b"Content-Length: 2\r\n\r\n{}" % key.encode()
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        received = b""
+        while CHUNKS[0] not in received:
+            data = sock.recv(65536)
+            assert data, "the server closed the connection before the first chunk"
+            received += data
+
+
+def test_client_gone_mid_stream_of_starlette_app_still_completes_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Starlette StreamingResponse whose client leaves mid-stream is recorded, never re-run."""
+    caplog.set_level(logging.WARNING)
+    runs: list[int] = []
+    gate = threading.Event()
     store = SQLiteStore(str(tmp_path / "ledger.db"))
-    recorder = Recorder(IdempotencyMiddleware(app, store=store))
+    recorder = Recorder(IdempotencyMiddleware(gated_stream_app(runs, gate), store=store))
     with serve_in_thread(recorder) as url, httpx.Client(base_url=url, timeout=60) as client:
-        port = urlsplit(url).port
-        assert port is not None
-        request = (
-            b"POST /stream HTTP/1.1\r\nHost: test\r\nIdempotency-Key: gone-2\r\n"
-            b"Content-Length: 2\r\n\r\n{}"
-        )
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(request)
-            received = b""
-            while CHUNKS[0] not in received:
-                data = sock.recv(65536)
-                assert data, "the server closed the connection before the first chunk"
-                received += data
+        post_and_leave(url, "gone-2")
         # Starlette listens for the disconnect while it streams; let the server report it.
         poll_until(recorder.disconnected.is_set, what="the server to see the client leave")
         gate.set()
@@ -346,38 +356,12 @@ def test_a_stream_outliving_its_lease_after_the_client_left_is_not_run_again(
     disconnect is passed on) and kept as not replayable: the retry gets 410, never a rerun."""
     caplog.set_level(logging.WARNING)
     runs: list[int] = []
-    gate = threading.Event()
-
-    async def endpoint(request: Request) -> StreamingResponse:
-        await request.body()
-        runs.append(1)
-
-        async def chunks() -> AsyncIterator[bytes]:
-            yield CHUNKS[0]
-            await asyncio.to_thread(gate.wait, GATE_TIMEOUT)  # longer than the 1 s lease
-            for chunk in CHUNKS[1:]:
-                yield chunk
-
-        return StreamingResponse(chunks(), media_type="application/octet-stream")
-
-    app = Starlette(routes=[Route("/stream", endpoint, methods=["POST"])])
+    gate = threading.Event()  # set only once the stream has stopped: it outlives the 1 s lease
     store = SQLiteStore(str(tmp_path / "ledger.db"))
-    recorder = Recorder(IdempotencyMiddleware(app, store=store, lease=1))
+    recorder = Recorder(IdempotencyMiddleware(gated_stream_app(runs, gate), store=store, lease=1))
     try:
         with serve_in_thread(recorder) as url, httpx.Client(base_url=url, timeout=60) as client:
-            port = urlsplit(url).port
-            assert port is not None
-            request = (
-                b"POST /stream HTTP/1.1\r\nHost: test\r\nIdempotency-Key: gone-3\r\n"
-                b"Content-Length: 2\r\n\r\n{}"
-            )
-            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-                sock.sendall(request)
-                received = b""
-                while CHUNKS[0] not in received:
-                    data = sock.recv(65536)
-                    assert data, "the server closed the connection before the first chunk"
-                    received += data
+            post_and_leave(url, "gone-3")
             # After one lease the middleware lets Starlette hear the disconnect: it stops.
             poll_until(lambda: recorder.finished == 1, what="the abandoned stream to stop")
             gate.set()

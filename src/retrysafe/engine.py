@@ -479,18 +479,10 @@ class Execution:
         except BaseException:
             await self.abort("the store_status policy raised an exception")
             raise
-        engine, request, rid = self.engine, self.request, self.rid
         if not final:
-            self._stop()
-            try:
-                await engine.store.release(rid, self.token)
-            except (StoreError, CorruptRecord) as exc:
-                self._lost(
-                    f"the key could not be released; it stays busy until its lease ends: {exc}"
-                )
-                return
-            engine.report(Event.RELEASED, request, rid, self._status or None, cut_short)
+            await self.abort(cut_short)
             return
+        engine, request, rid = self.engine, self.request, self.rid
         # The handler ran: whatever is kept, its retries never run it again (rule 18).
         state, data, event, detail = State.NOT_REPLAYABLE, None, Event.NOT_REPLAYABLE, ""
         if cut_short and not self._all_sent():
@@ -546,7 +538,8 @@ class Execution:
         return self._declared is not None and self._size > self._declared
 
     async def abort(self, reason: str = "the handler failed") -> None:
-        """The handler failed (or never answered): release the key for a retry."""
+        """The handler failed, never answered or answered a status that is not final: release
+        the key for a retry."""
         if not self._stop():
             return
         try:
