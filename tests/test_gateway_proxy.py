@@ -441,6 +441,78 @@ def test_shutdown_timeout_releases_the_key_of_an_unfinished_request(
     assert REPLAYED not in retry.headers
 
 
+SHUTDOWN_ROUTES = (
+    '[[routes]]\npath = "/keep/**"\nupstream_failure = "keep"\n'
+    '[[routes]]\npath = "/stream/keep/**"\nupstream_failure = "keep"\n'
+)
+
+
+def test_shutdown_timeout_on_a_keep_route_keeps_what_the_upstream_may_have_run(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """Under upstream_failure = "keep", a request the upstream holds when the shutdown timeout
+    ends may have run: it gets a 502 that is kept and replayed, never sent a second time."""
+    store = f"sqlite:///{tmp_path / 'ledger.db'}"
+    path, key = f"/keep/{uid()}", uid()
+    args = ("--store", store, "--shutdown-timeout", "0.5")
+    config = SHUTDOWN_ROUTES
+    with (
+        run_gateway(upstream.url, tmp_path, *args, config=config) as process,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        pending = pool.submit(
+            httpx.post, process.url + path,
+            headers={"Idempotency-Key": key, "x-delay": "30"}, timeout=30,
+        )  # fmt: skip
+        poll_until(lambda: len(upstream.executions(path=path)) == 1, timeout=10)
+        process.process.send_signal(signal.SIGTERM)
+        assert process.process.wait(timeout=20) == 0
+        cut = pending.result()
+    assert cut.status_code == 502
+    assert "may have executed" in cut.json()["detail"]
+    with run_gateway(
+        upstream.url, tmp_path, "--store", store, config=config, name="again"
+    ) as again:
+        retry = httpx.post(again.url + path, headers={"Idempotency-Key": key, "x-delay": "30"})
+    assert retry.status_code == 502
+    assert retry.headers[REPLAYED] == "true"
+    assert len(upstream.executions(path=path)) == 1
+
+
+@pytest.mark.parametrize(("prefix", "executions"), [("/stream/keep", 1), ("/stream", 2)])
+def test_shutdown_timeout_mid_body_follows_the_route_upstream_failure(
+    upstream: Upstream, tmp_path: Path, prefix: str, executions: int
+) -> None:
+    """A response still streaming when the shutdown timeout ends is cut short like an upstream
+    breaking off: a keep route keeps it (the retry gets 410), a release route releases it."""
+    store = f"sqlite:///{tmp_path / 'ledger.db'}"
+    path, key = f"{prefix}/{uid()}", uid()
+    args = ("--store", store, "--shutdown-timeout", "0.5")
+    config = SHUTDOWN_ROUTES
+    with run_gateway(upstream.url, tmp_path, *args, config=config) as process:
+        headers = {"Idempotency-Key": key}
+        with httpx.stream("POST", process.url + path, headers=headers, timeout=30) as response:
+            assert response.status_code == 200
+            chunks = response.iter_raw()
+            assert next(chunks).startswith(b"first-")
+            process.process.send_signal(signal.SIGTERM)
+            with pytest.raises(httpx.RemoteProtocolError):
+                b"".join(chunks)  # cut off: never a body that looks whole
+        assert process.process.wait(timeout=20) == 0
+    upstream.go(key)
+    with run_gateway(
+        upstream.url, tmp_path, "--store", store, config=config, name="again"
+    ) as again:
+        retry = httpx.post(again.url + path, headers=headers, timeout=30)
+    if executions == 1:
+        assert retry.status_code == 410
+        assert retry.json()["type"].endswith("replay-unavailable")
+    else:
+        assert retry.status_code == 200
+        assert REPLAYED not in retry.headers
+    assert len(upstream.executions(path=path)) == executions
+
+
 def test_gateway_needs_an_upstream(tmp_path: Path) -> None:
     """Without --upstream (nor one in the file) the command explains and exits 2."""
     done = subprocess.run(

@@ -373,6 +373,53 @@ def test_a_stream_outliving_its_lease_after_the_client_left_is_not_run_again(
     assert runs == [1]
 
 
+def test_a_stream_cancelled_by_the_server_shutdown_is_not_run_again(tmp_path: Path) -> None:
+    """A stream still running when uvicorn's shutdown timeout cancels it had sent a final
+    status: the handler ran, so the key is kept as not replayable (410), never run again."""
+    runs: list[int] = []
+
+    async def endpoint(request: Request) -> StreamingResponse:
+        await request.body()
+        runs.append(1)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield CHUNKS[0]
+            await asyncio.sleep(3600)  # until the server cancels it
+            yield CHUNKS[1]
+
+        return StreamingResponse(chunks(), media_type="application/octet-stream")
+
+    app = Starlette(routes=[Route("/stream", endpoint, methods=["POST"])])
+    store = SQLiteStore(str(tmp_path / "ledger.db"))
+    try:
+        with contextlib.ExitStack() as stack:
+            url = stack.enter_context(
+                serve_in_thread(
+                    IdempotencyMiddleware(app, store=store), timeout_graceful_shutdown=0.5
+                )
+            )
+            port = urlsplit(url).port
+            assert port is not None
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30))
+            sock.sendall(
+                b"POST /stream HTTP/1.1\r\nHost: test\r\nIdempotency-Key: cancelled\r\n"
+                b"Content-Length: 2\r\n\r\n{}"
+            )
+            received = b""
+            while CHUNKS[0] not in received:
+                data = sock.recv(65536)
+                assert data, "the server closed the connection before the first chunk"
+                received += data
+            # Leaving the block stops the server, which cancels the open stream after 0.5 s.
+        with serve_in_thread(IdempotencyMiddleware(app, store=store)) as url:
+            headers = {"Idempotency-Key": "cancelled"}
+            retry = httpx.post(url + "/stream", headers=headers, content=b"{}", timeout=10)
+    finally:
+        asyncio.run(store.aclose())
+    assert_problem(retry, 410, "replay-unavailable")
+    assert runs == [1]
+
+
 def test_an_app_that_returns_after_its_whole_declared_body_is_replayed(tmp_path: Path) -> None:
     """All the bytes of its Content-Length sent, then a return without more_body=False: the
     client had the whole answer, so the retry replays it and the app runs once."""

@@ -204,6 +204,11 @@ class _Responder:
         except BaseException as exc:
             if isinstance(exc, ResponseCutShort):
                 await self.execution.finish(cut_short=str(exc) or "the app could not finish it")
+            elif isinstance(exc, asyncio.CancelledError):
+                # The server stopped the request (its shutdown timeout ran out, say): not the
+                # app's failure. After a final status the handler has run, so that status
+                # decides, as on a return; before any, the key is released.
+                await self.execution.finish(cut_short="the server cancelled the request")
             elif self.gave_up is not None and _caused_by(exc, self.gave_up):
                 # This layer stopped the stream (frameworks may turn that into an error of
                 # their own): the status already sent decides, as on a return.

@@ -9,6 +9,7 @@ When the upstream fails it answers a problem itself: 502 ``upstream-unavailable`
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
@@ -217,10 +218,12 @@ class Proxy:
         )
         started = time.perf_counter()
         conn: Connection | None = None
+        sent = False
         try:
             for attempt in range(2):
                 conn = await self.pool.acquire() if attempt == 0 else await self.pool.connect()
                 conn.read_timeout = route.read_timeout
+                sent = True
                 try:
                     if not more:
                         conn.start(head + body if body else head)
@@ -238,6 +241,16 @@ class Proxy:
                 conn.abort()
             await self._upstream_failed(send, route, exc)
             return
+        except asyncio.CancelledError:
+            if conn is not None:
+                conn.abort()
+            if sent and route.keep_upstream_failures:
+                # The server is stopping (its shutdown timeout ran out) while the upstream
+                # holds the request: it may have run it, and a keep route never sends it
+                # twice. Answer and keep that, as for any other unknown outcome.
+                closed = UpstreamClosed("the gateway shut down before the upstream answered")
+                await self._upstream_failed(send, route, closed)
+            raise
         except BaseException:
             if conn is not None:
                 conn.abort()
@@ -311,8 +324,12 @@ class Proxy:
             conn.abort()
             UPSTREAM_FAILURE.set("cut-short")
             raise ResponseCutShort(f"the upstream failed mid-body: {exc}") from exc
-        except BaseException:
+        except BaseException as exc:
             conn.abort()
+            if isinstance(exc, asyncio.CancelledError):
+                # Stopped mid-body by the server: the upstream's answer is cut short, and the
+                # route's upstream_failure decides, as when the upstream breaks off.
+                UPSTREAM_FAILURE.set("cut-short")
             raise
 
     async def _upstream_failed(self, send: Send, route: RouteSettings, exc: UpstreamError) -> None:
