@@ -278,6 +278,13 @@ def test_operator_mistakes_are_reported_not_raised(
     status, _, err = run_cli(capsys, "keys", "show", "k", "--id", "abcd", "--store", url)
     assert status == 2
     assert "not both" in err
+    both = ("--scope", "tenant-1", "-H", "Authorization: Bearer t")
+    status, _, err = run_cli(capsys, "keys", "delete", "k", *both, "--store", url)
+    assert status == 2
+    assert "--scope or with -H" in err
+    status, out, _ = run_cli(capsys, "keys", "list", "--store", url)
+    assert status == 0
+    assert out.strip() == f"no records in {url!r}"  # a mistyped ledger looks empty: name it
     status, _, err = run_cli(capsys, "keys", "show", "a,b", "--store", url)
     assert status == 2
     assert "KEY:" in err

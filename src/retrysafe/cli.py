@@ -287,7 +287,10 @@ def _with_store(
 
     try:
         return asyncio.run(run())
-    except (StoreError, ConfigError) as exc:
+    except StoreError as exc:
+        print(f"retrysafe: {exc}", file=sys.stderr)  # it names the ledger (never a password)
+        return 1
+    except ConfigError as exc:
         print(f"retrysafe: {redact_url(url)}: {exc}", file=sys.stderr)
         return 1
 
@@ -320,7 +323,8 @@ def _keys_list(args: argparse.Namespace) -> int:
         if listing.records:
             print(admin.record_table(listing.records, now))
         else:
-            print("no records")
+            # Name the ledger looked at: a mistyped prefix, table or database looks empty.
+            print(f"no records in {redact_url(_store_url(args))}")
         if listing.cursor is not None:
             more = shlex.quote(listing.cursor)
             print(f"more: retrysafe keys list --cursor {more} (and the same options)")
@@ -347,6 +351,9 @@ def _check_named(args: argparse.Namespace) -> str | None:
     """Why the arguments do not name one record, or None."""
     if (args.key is None) == (args.id is None):
         return "name the record by KEY (and its caller's scope) or by --id, not both"
+    if args.scope is not None and (args.headers or args.scope_header or args.scope_cookie):
+        # Either names the scope on its own: taking one silently could name another record.
+        return "give the scope with --scope or with -H/--scope-header/--scope-cookie, not both"
     if args.key is not None:
         try:
             args.key = parse_key(args.key.encode("utf-8", "surrogateescape"))
