@@ -13,7 +13,9 @@ environment:
 Routes: ``GET /health`` (no ledger); ``POST /work`` (log the execution, sleep ``RS_DELAY``,
 answer 201 with a JSON body unique to this execution); ``POST /slow`` (log the execution; the
 first execution of each key writes its worker's pid to ``<state>/slow-<key>.pid`` and hangs
-until killed, later ones answer at once). Every response carries ``x-worker-pid``.
+until killed, later ones answer at once); ``POST /slow-effect`` (the same, after committing an
+effect row together with ``current_claim().mark`` in one transaction of the ledger's own
+database: SQLite or PostgreSQL). Every response carries ``x-worker-pid``.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from retrysafe import IdempotencyMiddleware
+from retrysafe import IdempotencyMiddleware, current_claim
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -62,6 +65,33 @@ async def respond(send: Send, status: int, body: bytes, content_type: bytes) -> 
     await send({"type": "http.response.body", "body": body})
 
 
+async def commit_effect(store: str, key: str) -> None:
+    """Insert an effect row and mark the claim, in one transaction of the ledger's database."""
+    claim = current_claim()
+    assert claim is not None
+    if store.startswith("sqlite:///"):
+        conn = sqlite3.connect(store.removeprefix("sqlite:///"), timeout=30)
+        try:
+            with conn:
+                conn.execute("CREATE TABLE IF NOT EXISTS effects (key TEXT)")
+                conn.execute("INSERT INTO effects VALUES (?)", (key,))
+                claim.mark(conn)
+        finally:
+            conn.close()
+        return
+    import asyncpg
+
+    connection = await asyncpg.connect(store.split("?", 1)[0])
+    try:
+        async with connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock(7301)")  # one CREATE at a time
+            await connection.execute("CREATE TABLE IF NOT EXISTS rstest_effects (key text)")
+            await connection.execute("INSERT INTO rstest_effects VALUES ($1)", key)
+            await claim.amark(connection)
+    finally:
+        await connection.close()
+
+
 def create_app() -> ASGIApp:
     """Build this worker's app from the environment (see the module docstring)."""
     store = os.environ["RS_STORE"]
@@ -80,7 +110,9 @@ def create_app() -> ASGIApp:
         path = scope["path"]
         nonce = uuid.uuid4().hex
         append_line(exec_log, f"{path} {key} {pid} {nonce}")
-        if path == "/slow":
+        if path == "/slow-effect":
+            await commit_effect(store, key)
+        if path in ("/slow", "/slow-effect"):
             try:
                 fd = os.open(state_dir / f"slow-{key}.pid", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             except FileExistsError:

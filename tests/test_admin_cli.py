@@ -235,11 +235,14 @@ def test_stats_and_purge(ledger: str, capsys: pytest.CaptureFixture[str]) -> Non
     assert json.loads(out)["deleted"] in {0, 4}  # 0 where the store expires records itself
     status, out, err = run_cli(capsys, "stats", "--store", ledger, "--json")
     assert status == 0, err
-    assert json.loads(out) == {"in-flight": 1, "done": 3, "not-replayable": 0, "expired": 0}
+    assert json.loads(out) == {
+        "in-flight": 1, "done": 3, "not-replayable": 0, "committed": 0, "expired": 0,
+    }  # fmt: skip
     status, out, _ = run_cli(capsys, "stats", "--store", ledger)
     assert status == 0
     assert [line.split() for line in out.splitlines()] == [
-        ["in-flight", "1"], ["done", "3"], ["not-replayable", "0"], ["expired", "0"], ["live", "4"],
+        ["in-flight", "1"], ["done", "3"], ["not-replayable", "0"], ["committed", "0"],
+        ["expired", "0"], ["live", "4"],
     ]  # fmt: skip
 
 

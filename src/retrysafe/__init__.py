@@ -9,8 +9,9 @@ lazily, so that ``import retrysafe`` needs neither httpx nor requests).
 from typing import TYPE_CHECKING, Any
 
 from .asgi import IdempotencyMiddleware
-from .engine import Engine, Execution, Replay
+from .engine import Claim, Engine, Execution, Replay, current_claim
 from .errors import (
+    ClaimLost,
     ConfigError,
     CorruptRecord,
     RetrysafeError,
@@ -63,6 +64,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DEFAULT_DENIED_HEADERS",
+    "Claim",
+    "ClaimLost",
     "ConfigError",
     "CorruptRecord",
     "Decision",
@@ -84,6 +87,7 @@ __all__ = [
     "StoreBusy",
     "StoreError",
     "StoreUnavailable",
+    "current_claim",
     "default_store_status",
     "log_decision",
     "open_store",

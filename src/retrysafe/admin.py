@@ -36,8 +36,11 @@ STATE_NAMES = {
     State.IN_FLIGHT: "in-flight",
     State.DONE: "done",
     State.NOT_REPLAYABLE: "not-replayable",
+    State.COMMITTED: "committed",
 }
 STATES_BY_NAME = {name: state for state, name in STATE_NAMES.items()}
+_HELD = (State.IN_FLIGHT, State.COMMITTED)
+"""The states of a record whose claim is still held, by a lease."""
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -189,7 +192,7 @@ def record_as_dict(
         "token": record.token,
         "created_at": record.created_at,
         "expires_at": record.expires_at,
-        "lease_until": record.lease_until if record.state is State.IN_FLIGHT else None,
+        "lease_until": record.lease_until if record.state in _HELD else None,
         "age": round(now - record.created_at, 3),
         "status": None if response is None else response.status,
         "body_bytes": None if response is None else len(response.body),
@@ -212,7 +215,7 @@ def record_table(rows: Sequence[tuple[bytes, Record]], now: float) -> str:
         if record.response is not None and response is None:
             status = "damaged"
         lease = "-"
-        if record.state is State.IN_FLIGHT:
+        if record.state in _HELD:
             # A lease run out marks a stuck key (its process died): say so, not "-".
             left = record.lease_until - now
             lease = format_duration(left) if left >= 0 else "expired"

@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Unpack
 
-from .engine import DEFAULT_STORE, Engine, EngineOptions, Execution, Replay
+from .engine import _CURRENT_CLAIM, DEFAULT_STORE, Engine, EngineOptions, Execution, Replay
 from .errors import ConfigError, ResponseCutShort
 from .fingerprint import RequestView
 from .policy import Policy
@@ -199,6 +199,7 @@ class _Responder:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.receive = receive
         self.send = send
+        claimed = _CURRENT_CLAIM.set(self.execution.claim)
         try:
             await self.app(scope, self.wrapped_receive, self.wrapped_send)
         except BaseException as exc:
@@ -217,6 +218,7 @@ class _Responder:
                 await self.execution.abort("the handler raised an exception")
             raise
         finally:
+            _CURRENT_CLAIM.reset(claimed)
             self.complete.set()
         # Returned without finishing its response: after a status it had sent, the handler ran
         # (a stream stopped because its client left, say), so that status decides (rule 14);

@@ -463,6 +463,7 @@ def _stats(args: argparse.Namespace) -> int:
             "in-flight": stats.in_flight,
             "done": stats.done,
             "not-replayable": stats.not_replayable,
+            "committed": stats.committed,
             "expired": stats.expired,
         }
         if args.json:

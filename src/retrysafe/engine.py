@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import logging
 import random
@@ -23,7 +24,7 @@ from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Unpack
 
-from .errors import CorruptRecord, StoreBusy, StoreError
+from .errors import ClaimLost, CorruptRecord, StoreBusy, StoreError
 from .fingerprint import RequestView, default_fingerprint
 from .hooks import Decision, Event, Hook, log_decision, log_enabled
 from .keys import MalformedKey, find_key
@@ -36,10 +37,12 @@ from .stores import Store, open_store
 __all__ = [
     "DEFAULT_NAMESPACE",
     "DEFAULT_STORE",
+    "Claim",
     "Engine",
     "EngineOptions",
     "Execution",
     "Replay",
+    "current_claim",
     "record_id",
 ]
 
@@ -71,6 +74,73 @@ class Replay:
     @property
     def body(self) -> bytes:
         return self.response.body
+
+
+class Claim:
+    """The key a request holds while its handler runs (:func:`current_claim`).
+
+    :meth:`mark` (or :meth:`amark`) lets the handler commit its effect and the ledger's
+    "effect committed" mark in ONE transaction of its own database, which must be the ledger's
+    (``sqlite:///`` on the app's file, or ``postgresql://`` on the app's database). From then
+    on the key is never released or taken over: if the process dies before the response is
+    recorded, retries get 410 ``replay-unavailable`` instead of running the effect again. If
+    the claim is no longer held (its lease ran out and a retry took the key over), the mark
+    raises :class:`~retrysafe.errors.ClaimLost` inside that transaction, which must then roll
+    back: the effect is committed by one holder at most.
+    """
+
+    __slots__ = ("marked", "rid", "store", "token")
+
+    def __init__(self, store: Store, rid: bytes, token: int) -> None:
+        self.store = store
+        self.rid = rid
+        self.token = token
+        self.marked = False
+        """Whether a mark was made (its transaction may still have rolled back)."""
+
+    def mark(self, connection: Any) -> None:
+        """Mark the effect committed, in ``connection``'s open transaction (a DB-API
+        connection: ``sqlite3``, psycopg). Commit it with the effect."""
+        paramstyle = self.store.dbapi_paramstyle
+        if paramstyle is None:
+            self.store.mark_statement("")  # raises: this ledger cannot take part
+        cursor = connection.cursor()
+        try:
+            cursor.execute(self.store.mark_statement(str(paramstyle)), (self.rid, self.token))
+            self._marked(cursor.rowcount)
+        finally:
+            cursor.close()
+
+    async def amark(self, connection: Any) -> None:
+        """:meth:`mark` for an asyncpg connection (or psycopg's ``AsyncConnection``), inside
+        its transaction (``async with connection.transaction(): ...``)."""
+        if hasattr(connection, "fetchval"):  # asyncpg: $n parameters, a status string back
+            sql = self.store.mark_statement("numeric_dollar")
+            status: str = await connection.execute(sql, self.rid, self.token)
+            self._marked(int(status.rsplit(" ", 1)[-1]))
+        else:  # psycopg's AsyncConnection: execute() returns a cursor
+            sql = self.store.mark_statement(str(self.store.dbapi_paramstyle))
+            cursor = await connection.execute(sql, (self.rid, self.token))
+            self._marked(cursor.rowcount)
+
+    def _marked(self, rows: int) -> None:
+        if rows != 1:
+            raise ClaimLost(
+                "the claim on this key is no longer held (its lease ran out and another"
+                " request took it over): roll the transaction back"
+            )
+        self.marked = True
+
+
+_CURRENT_CLAIM: contextvars.ContextVar[Claim | None] = contextvars.ContextVar(
+    "retrysafe_claim", default=None
+)
+
+
+def current_claim() -> Claim | None:
+    """The :class:`Claim` of the request being handled, or None: no key, an unprotected
+    request, or one running unprotected because the ledger failed (``fail_open``)."""
+    return _CURRENT_CLAIM.get()
 
 
 DEFAULT_STORE = "sqlite:///retrysafe.db"
@@ -252,7 +322,7 @@ class Engine:
                         " could not be kept (too large, or not whole); it will not be executed"
                         " again.",
                     )
-                if record.state is State.IN_FLIGHT:
+                if record.state is State.IN_FLIGHT or record.state is State.COMMITTED:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         self.report(Event.IN_PROGRESS, request, rid, 409)
@@ -370,6 +440,7 @@ class Execution:
         "_headers",
         "_size",
         "_status",
+        "claim",
         "engine",
         "policy",
         "renew_at",
@@ -393,6 +464,8 @@ class Execution:
         self._size = 0
         self._declared: int | None = None
         self._done = policy is None
+        self.claim = None if policy is None else Claim(engine.store, rid, token)
+        """What the handler sees as :func:`current_claim` (None when running unprotected)."""
         self.renew_every = 0.0 if policy is None else policy.lease / 3
         self.renew_at = asyncio.get_running_loop().time() + self.renew_every
         """When the engine's heartbeat renews the lease next (event loop time)."""
@@ -543,7 +616,19 @@ class Execution:
         if not self._stop():
             return
         try:
-            await self.engine.store.release(self.rid, self.token)
+            released = await self.engine.store.release(self.rid, self.token)
+            if not released and self.claim is not None and self.claim.marked:
+                # Its effect was committed with the mark: never run it again (a mark whose
+                # transaction rolled back leaves the record releasable, as released above).
+                assert self.policy is not None
+                await self.engine.store.complete(
+                    self.rid, self.token, State.NOT_REPLAYABLE, None, self.policy.ttl
+                )
+                self.engine.report(
+                    Event.NOT_REPLAYABLE, self.request, self.rid, self._status or None,
+                    f"{reason} after committing its effect; kept as not replayable",
+                )  # fmt: skip
+                return
         except (StoreError, CorruptRecord) as exc:
             self._lost(f"{UNRELEASED}: {exc}")
             return

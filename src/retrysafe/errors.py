@@ -1,6 +1,7 @@
 """The exceptions retrysafe raises.
 
 RetrysafeError
+├── ClaimLost             the claim was taken over: the handler must not commit its effect
 ├── ConfigError           bad configuration, found at start-up
 ├── CorruptRecord         a stored record cannot be decoded (treated as absent)
 ├── ResponseCutShort      a response began with its status but could not be finished
@@ -11,6 +12,7 @@ RetrysafeError
 from __future__ import annotations
 
 __all__ = [
+    "ClaimLost",
     "ConfigError",
     "CorruptRecord",
     "ResponseCutShort",
@@ -27,6 +29,12 @@ class RetrysafeError(Exception):
 
 class ConfigError(RetrysafeError, ValueError):
     """The configuration is invalid (an unknown store URL, a negative lease, ...)."""
+
+
+class ClaimLost(RetrysafeError):
+    """:meth:`retrysafe.Claim.mark` found the claim no longer held (its lease ran out and
+    another request took the key over, or it was deleted): raised inside the handler's own
+    transaction, so that its effect rolls back instead of being committed twice."""
 
 
 class ResponseCutShort(RetrysafeError):

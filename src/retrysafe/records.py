@@ -18,6 +18,11 @@ class State(enum.IntEnum):
     NOT_REPLAYABLE = 2
     """Executed, but the response could not be kept (too large, or not whole): retries are
     refused, never re-run."""
+    COMMITTED = 3
+    """In flight, and the handler has committed its effect together with this mark, in one
+    transaction of the ledger's own database (:meth:`retrysafe.Claim.mark`): the lease is
+    still renewed and the response still recorded, but the key is never taken over or
+    released. If its holder dies, retries are refused (as not replayable), never re-run."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
+from ..errors import ConfigError
 from ..records import Record, State
 
 __all__ = ["Store", "StoreStats"]
@@ -26,6 +27,8 @@ class StoreStats:
     done: int = 0
     not_replayable: int = 0
     expired: int = 0
+    committed: int = 0
+    """In flight with their effect committed (:attr:`State.COMMITTED`)."""
 
     @classmethod
     def tally(cls, rows: Iterable[Sequence[Any]]) -> StoreStats:
@@ -38,13 +41,20 @@ class StoreStats:
             elif state in counts:
                 counts[State(state)] += n
         return cls(
-            counts[State.IN_FLIGHT], counts[State.DONE], counts[State.NOT_REPLAYABLE], expired
+            counts[State.IN_FLIGHT],
+            counts[State.DONE],
+            counts[State.NOT_REPLAYABLE],
+            expired,
+            counts[State.COMMITTED],
         )
 
 
 class Store(abc.ABC):
     """A ledger of idempotency records, keyed by an opaque record id (a hash)."""
 
+    dbapi_paramstyle: str | None = None
+    """The parameter style of :meth:`mark_statement` for the app's DB-API connections; None
+    for a ledger that cannot take part in the app's transaction."""
     poll_interval: float = 0.05
     """How often :meth:`wait` looks again, for stores that cannot notify."""
     create: bool = True
@@ -66,9 +76,10 @@ class Store(abc.ABC):
 
         The claim is taken when there is no record, when the record has expired, or when it is
         in flight and its lease ran out (its holder is presumed dead). Otherwise nothing is
-        written and the existing record is returned. A claimed record expires no sooner than
-        its lease ends: ``expires_at = now + max(ttl, lease)``. ``scope`` (a short hash) and
-        the claim time are kept in the record for operators.
+        written and the existing record is returned; a :attr:`State.COMMITTED` record whose
+        lease ran out is never taken over: it is returned as NOT_REPLAYABLE. A claimed record
+        expires no sooner than its lease ends: ``expires_at = now + max(ttl, lease)``.
+        ``scope`` (a short hash) and the claim time are kept in the record for operators.
         """
 
     @abc.abstractmethod
@@ -83,11 +94,13 @@ class Store(abc.ABC):
     async def complete(
         self, rid: bytes, token: int, state: State, response: bytes | None, ttl: float
     ) -> bool:
-        """Turn the in-flight claim ``token`` into a final record; False if it is not held."""
+        """Turn the in-flight (or committed) claim ``token`` into a final record; False if it is
+        not held."""
 
     @abc.abstractmethod
     async def release(self, rid: bytes, token: int) -> bool:
-        """Delete the record written by ``token`` (any state); False if another wrote it since."""
+        """Delete the record written by ``token``; False if another wrote it since, or if it is
+        :attr:`State.COMMITTED` (an effect committed with it: the key is never released)."""
 
     @abc.abstractmethod
     async def get(self, rid: bytes) -> Record | None:
@@ -114,6 +127,17 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def stats(self) -> StoreStats:
         """Count the records by state (a full scan on some stores: operators only)."""
+
+    def mark_statement(self, paramstyle: str) -> str:
+        """The SQL that turns the in-flight claim into :attr:`State.COMMITTED`, for the app to
+        run in its own transaction with parameters (record id, token); one row changed means
+        the claim was held. ``paramstyle``: ``"qmark"`` (``?``), ``"format"`` (``%s``) or
+        ``"numeric_dollar"`` (``$1``). Only a ledger in the app's own database can do this.
+        """
+        raise ConfigError(
+            f"a {type(self).__name__} cannot take part in the app's transaction: keep the"
+            " ledger in the app's own database (sqlite:/// or postgresql://) to mark effects"
+        )
 
     async def wait(self, rid: bytes, timeout: float) -> None:  # noqa: ASYNC109
         """Return when ``rid`` may have changed, or after ``timeout`` seconds at most.

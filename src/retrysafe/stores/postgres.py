@@ -102,6 +102,11 @@ _STATES = {int(state): state for state in State}
 _COLUMNS = "state, token, fingerprint, lease_until, expires_at, response, scope, created_at"
 _NOW = "date_part('epoch', now())"
 """The database's clock, once per statement: ``now()`` is fixed for a transaction."""
+_CLAIMED_COLUMNS = _COLUMNS.replace(
+    "state,", f"CASE WHEN state = 3 AND lease_until <= {_NOW} THEN 2 ELSE state END AS state,"
+)
+"""The existing record as a claim sees it: a committed effect whose holder died (its lease
+ran out) is never run again, so it reads as not replayable."""
 
 _DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
@@ -533,7 +538,7 @@ class PostgresStore(Store):
         # a DO UPDATE that always fires so that RETURNING yields the winner's row, would
         # write a dead tuple per loser.
         self._sql_claim = (
-            f"WITH cur AS (SELECT {_COLUMNS} FROM {t} WHERE rid = $1::bytea"
+            f"WITH cur AS (SELECT {_CLAIMED_COLUMNS} FROM {t} WHERE rid = $1::bytea"
             f" AND expires_at > {_NOW}"
             f" AND (state <> 0 OR lease_until > {_NOW})),"
             f" ins AS (INSERT INTO {t} AS r (rid, token, state, fingerprint, lease_until,"
@@ -555,7 +560,7 @@ class PostgresStore(Store):
         self._sql_renew = (
             f"UPDATE {t} SET lease_until = {_NOW} + $3,"
             f" expires_at = greatest(expires_at, {_NOW} + $3)"
-            " WHERE rid = $1 AND token = $2 AND state = 0"
+            " WHERE rid = $1 AND token = $2 AND state IN (0, 3)"
         )
         # Notify only records a waiter marked (see wait()); one row back: done, none: not held.
         notify = (
@@ -564,12 +569,15 @@ class PostgresStore(Store):
         )
         self._sql_complete = (
             f"WITH u AS (UPDATE {t} SET state = $3, response = $4, lease_until = {_NOW},"
-            f" expires_at = {_NOW} + $5 WHERE rid = $1 AND token = $2 AND state = 0"
+            f" expires_at = {_NOW} + $5 WHERE rid = $1 AND token = $2 AND state IN (0, 3)"
             f" RETURNING rid, watched) {notify} FROM u"
         )
         self._sql_release = (
-            f"WITH d AS (DELETE FROM {t} WHERE rid = $1 AND token = $2 RETURNING rid, watched)"
-            f" {notify} FROM d"
+            f"WITH d AS (DELETE FROM {t} WHERE rid = $1 AND token = $2 AND state <> 3"
+            f" RETURNING rid, watched) {notify} FROM d"
+        )  # a committed effect's record is never released (State.COMMITTED)
+        self._sql_mark = (
+            f"UPDATE {t} SET state = 3 WHERE rid = $1 AND token = $2 AND state IN (0, 3)"
         )
         self._sql_delete = (
             f"WITH d AS (DELETE FROM {t} WHERE rid = $1 RETURNING rid, watched) {notify} FROM d"
@@ -578,8 +586,9 @@ class PostgresStore(Store):
         # how long its lease has left; no row: the record is no longer in flight.
         self._sql_watch = (
             f"WITH cur AS (SELECT watched, lease_until - {_NOW} AS remaining FROM {t}"
-            f" WHERE rid = $1 AND state = 0 AND lease_until > {_NOW}),"
-            f" u AS (UPDATE {t} SET watched = true WHERE rid = $1 AND state = 0 AND NOT watched"
+            f" WHERE rid = $1 AND state IN (0, 3) AND lease_until > {_NOW}),"
+            f" u AS (UPDATE {t} SET watched = true WHERE rid = $1 AND state IN (0, 3)"
+            " AND NOT watched"
             f" AND lease_until > {_NOW} RETURNING lease_until - {_NOW} AS remaining)"
             " SELECT remaining FROM u UNION ALL SELECT remaining FROM cur WHERE watched"
         )
@@ -857,6 +866,17 @@ class PostgresStore(Store):
             return await conn.fetchval(self._sql_release, rid, token)
 
         return (await self._run(op)) is not None
+
+    dbapi_paramstyle = "format"
+
+    def mark_statement(self, paramstyle: str) -> str:
+        if paramstyle == "numeric_dollar":
+            return self._sql_mark
+        if paramstyle == "format":
+            return self._sql_mark.replace("$1", "%s").replace("$2", "%s")
+        raise ConfigError(
+            f"a postgresql ledger takes numeric_dollar or format parameters, not {paramstyle!r}"
+        )
 
     async def get(self, rid: bytes) -> Record | None:
         async def op(conn: _Connection) -> Any:

@@ -29,6 +29,7 @@ parent's and could commit into a WAL the parent has already deleted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import random
@@ -199,13 +200,15 @@ class SQLiteStore(Store):
         )
         self._sql_renew = (
             f"UPDATE {t} SET lease_until = ?1, expires_at = MAX(expires_at, ?1)"
-            " WHERE rid = ?2 AND token = ?3 AND state = 0"
+            " WHERE rid = ?2 AND token = ?3 AND state IN (0, 3)"
         )
         self._sql_complete = (
             f"UPDATE {t} SET state = ?, response = ?, lease_until = ?, expires_at = ?"
-            " WHERE rid = ? AND token = ? AND state = 0"
+            " WHERE rid = ? AND token = ? AND state IN (0, 3)"
         )
-        self._sql_release = f"DELETE FROM {t} WHERE rid = ? AND token = ?"
+        # A committed effect's record is never released (State.COMMITTED).
+        self._sql_release = f"DELETE FROM {t} WHERE rid = ? AND token = ? AND state <> 3"
+        self._sql_mark = f"UPDATE {t} SET state = 3 WHERE rid = ? AND token = ? AND state IN (0, 3)"
         self._sql_delete = f"DELETE FROM {t} WHERE rid = ?"
         self._sql_purge = (
             f"DELETE FROM {t} WHERE rid IN"
@@ -441,6 +444,9 @@ class SQLiteStore(Store):
                 and record.expires_at > now
                 and not (record.state is State.IN_FLIGHT and record.lease_until <= now)
             ):
+                if record.state is State.COMMITTED and record.lease_until <= now:
+                    # Its holder died after committing its effect: never run again.
+                    return dataclasses.replace(record, state=State.NOT_REPLAYABLE)
                 return record
             return None
 
@@ -486,6 +492,13 @@ class SQLiteStore(Store):
         return await self._write(
             lambda conn: conn.execute(self._sql_release, (rid, token)).rowcount == 1
         )
+
+    dbapi_paramstyle = "qmark"
+
+    def mark_statement(self, paramstyle: str) -> str:
+        if paramstyle != "qmark":
+            raise ConfigError(f"an sqlite ledger takes qmark parameters, not {paramstyle!r}")
+        return self._sql_mark
 
     async def get(self, rid: bytes) -> Record | None:
         def op(conn: sqlite3.Connection) -> Record | None:

@@ -1,0 +1,293 @@
+"""Effects committed with the claim (``current_claim().mark``): the handler's effect and the
+ledger's "committed" mark in one transaction of the ledger's own database (SQLite, PostgreSQL).
+
+Store-level tests run the app's side on a connection of its own (``sqlite3``, asyncpg), as an
+app would; the HTTP tests run the middleware under real uvicorn on an SQLite file that holds
+both the ledger and the app's table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import drop_postgres_table, fresh_url
+from servers import Receive, Scope, Send, serve_in_thread
+
+from retrysafe import (
+    Claim,
+    ClaimLost,
+    ConfigError,
+    IdempotencyMiddleware,
+    SQLiteStore,
+    current_claim,
+    open_store,
+)
+from retrysafe.records import State
+from retrysafe.stores import Store
+
+pytestmark = pytest.mark.anyio
+
+FINGERPRINT = b"f" * 32
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh ledger in a database an app could also use: an SQLite file, a PostgreSQL db."""
+    url = fresh_url(request.param, tmp_path)
+    yield url
+    if request.param == "postgres":
+        drop_postgres_table(url)
+
+
+class AppDatabase:
+    """The app's own connection to the ledger's database, with an ``effects`` table."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.table = "effects_" + url.rsplit("_", 1)[-1] if "table=" in url else "effects"
+
+    @asynccontextmanager
+    async def transaction(self, claim: Claim, key: str) -> AsyncIterator[None]:
+        """Insert an effect row and mark ``claim`` in one transaction; the block runs inside
+        it (an exception there rolls both back)."""
+        if self.url.startswith("sqlite:///"):
+            conn = sqlite3.connect(self.url.removeprefix("sqlite:///"))
+            try:
+                with conn:
+                    conn.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (key TEXT)")
+                    conn.execute(f"INSERT INTO {self.table} VALUES (?)", (key,))
+                    claim.mark(conn)
+                    yield
+            finally:
+                conn.close()
+            return
+        import asyncpg
+
+        connection = await asyncpg.connect(self.url.split("?", 1)[0])
+        try:
+            async with connection.transaction():
+                await connection.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (key text)")
+                await connection.execute(f"INSERT INTO {self.table} VALUES ($1)", key)
+                await claim.amark(connection)
+                yield
+        finally:
+            await connection.close()
+
+    async def effects(self) -> int:
+        if self.url.startswith("sqlite:///"):
+            conn = sqlite3.connect(self.url.removeprefix("sqlite:///"))
+            try:
+                conn.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (key TEXT)")
+                return int(conn.execute(f"SELECT count(*) FROM {self.table}").fetchone()[0])
+            finally:
+                conn.close()
+        import asyncpg
+
+        connection = await asyncpg.connect(self.url.split("?", 1)[0])
+        try:
+            await connection.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (key text)")
+            return int(await connection.fetchval(f"SELECT count(*) FROM {self.table}"))
+        finally:
+            await connection.execute(f"DROP TABLE IF EXISTS {self.table}")
+            await connection.close()
+
+
+@asynccontextmanager
+async def opened(url: str) -> AsyncIterator[Store]:
+    store = open_store(url)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+async def test_a_marked_claim_is_never_released_but_renews_and_completes(ledger_url: str) -> None:
+    """After a committed mark, release leaves the record alone; renew and complete still
+    work for the holder."""
+    app = AppDatabase(ledger_url)
+    async with opened(ledger_url) as store:
+        assert await store.claim(b"r1", 1, FINGERPRINT, 10, 60) is None
+        async with app.transaction(Claim(store, b"r1", 1), "k1"):
+            pass
+        assert await store.release(b"r1", 1) is False
+        record = await store.get(b"r1")
+        assert record is not None
+        assert record.state is State.COMMITTED
+        assert await store.renew(b"r1", 1, 10) is True
+        assert await store.complete(b"r1", 1, State.DONE, b"response", 60) is True
+        record = await store.get(b"r1")
+        assert record is not None
+        assert record.state is State.DONE
+    assert await app.effects() == 1
+
+
+async def test_a_marked_claim_whose_holder_died_is_not_replayable(ledger_url: str) -> None:
+    """Once the lease of a committed mark runs out, a claim is refused as not replayable and
+    never takes the key over."""
+    app = AppDatabase(ledger_url)
+    async with opened(ledger_url) as store:
+        assert await store.claim(b"r2", 1, FINGERPRINT, 0.2, 60) is None
+        async with app.transaction(Claim(store, b"r2", 1), "k2"):
+            pass
+        record = await store.claim(b"r2", 2, FINGERPRINT, 10, 60)
+        assert record is not None
+        assert record.state is State.COMMITTED  # lease still running
+        await asyncio.sleep(0.5)
+        record = await store.claim(b"r2", 3, FINGERPRINT, 10, 60)
+        assert record is not None
+        assert record.state is State.NOT_REPLAYABLE
+        assert record.token == 1
+        kept = await store.get(b"r2")
+        assert kept is not None
+        assert kept.token == 1  # nothing was taken over
+    assert await app.effects() == 1
+
+
+async def test_a_claim_taken_over_cannot_mark_and_its_effect_rolls_back(ledger_url: str) -> None:
+    """A holder whose lease ran out and was taken over gets ClaimLost from mark, inside its
+    transaction: its effect is rolled back, the new holder's stands."""
+    app = AppDatabase(ledger_url)
+    async with opened(ledger_url) as store:
+        assert await store.claim(b"r3", 1, FINGERPRINT, 0.2, 60) is None
+        await asyncio.sleep(0.5)
+        assert await store.claim(b"r3", 2, FINGERPRINT, 10, 60) is None  # taken over
+        with pytest.raises(ClaimLost):
+            async with app.transaction(Claim(store, b"r3", 1), "late"):
+                pass
+        async with app.transaction(Claim(store, b"r3", 2), "winner"):
+            pass
+        record = await store.get(b"r3")
+        assert record is not None
+        assert (record.state, record.token) == (State.COMMITTED, 2)
+    assert await app.effects() == 1
+
+
+async def test_a_mark_rolled_back_leaves_the_key_releasable(ledger_url: str) -> None:
+    """A mark whose transaction rolled back marks nothing: the key is released as usual."""
+    app = AppDatabase(ledger_url)
+    async with opened(ledger_url) as store:
+        assert await store.claim(b"r4", 1, FINGERPRINT, 10, 60) is None
+        with pytest.raises(RuntimeError):
+            async with app.transaction(Claim(store, b"r4", 1), "k4"):
+                raise RuntimeError("the handler's own failure")
+        record = await store.get(b"r4")
+        assert record is not None
+        assert record.state is State.IN_FLIGHT
+        assert await store.release(b"r4", 1) is True
+    assert await app.effects() == 0
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_ledger_outside_the_apps_database_refuses_to_mark(
+    kind: str, tmp_path: Path
+) -> None:
+    """memory:// and Redis cannot share the app's transaction: mark says so (ConfigError)."""
+    url = fresh_url(kind, tmp_path)
+    async with opened(url) as store:
+        claim = Claim(store, b"r5", 1)
+        with pytest.raises(ConfigError, match="app's own database"):
+            claim.mark(sqlite3.connect(":memory:"))
+        with pytest.raises(ConfigError, match="app's own database"):
+            await claim.amark(object())
+
+
+# -- over HTTP ------------------------------------------------------------------------------------
+
+
+def effect_app(database: Path, runs: list[str]) -> Any:
+    """``POST /charge?then=ok|raise|rollback``: commits a charge with the claim's mark, then
+    answers 201, raises, or raises inside the transaction (rolling the charge back)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["type"] == "http"
+        while (await receive()).get("more_body"):
+            pass
+        then = scope["query_string"].decode().removeprefix("then=")
+        runs.append(then)
+        claim = current_claim()
+        assert claim is not None
+        conn = sqlite3.connect(database)
+        try:
+            with conn:
+                conn.execute("CREATE TABLE IF NOT EXISTS charges (n INTEGER)")
+                conn.execute("INSERT INTO charges VALUES (1)")
+                claim.mark(conn)
+                if then == "rollback":
+                    raise RuntimeError("failed before the commit")
+        finally:
+            conn.close()
+        if then == "raise":
+            raise RuntimeError("failed after the commit")
+        body = b'{"charged": true}'
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 201, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def charges(database: Path) -> int:
+    conn = sqlite3.connect(database)
+    try:
+        return int(conn.execute("SELECT count(*) FROM charges").fetchone()[0])
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("then", "retry_status", "runs_after", "charged"),
+    [("ok", 201, 1, 1), ("raise", 410, 1, 1), ("rollback", 500, 2, 0)],
+)
+def test_an_effect_committed_with_its_mark_is_never_run_twice(
+    tmp_path: Path, then: str, retry_status: int, runs_after: int, charged: int
+) -> None:
+    """A handler that committed its charge with the mark is replayed (201) or, if it failed
+    afterwards, refused (410); one whose transaction rolled back is released and runs again."""
+    database = tmp_path / "app.db"
+    runs: list[str] = []
+    store = SQLiteStore(str(database))
+    app = IdempotencyMiddleware(effect_app(database, runs), store=store)
+    try:
+        with serve_in_thread(app) as url:
+            headers = {"Idempotency-Key": f"charge-{then}"}
+            first = httpx.post(f"{url}/charge?then={then}", headers=headers, timeout=30)
+            retry = httpx.post(f"{url}/charge?then={then}", headers=headers, timeout=30)
+    finally:
+        asyncio.run(store.aclose())
+    assert first.status_code == (201 if then == "ok" else 500)
+    assert retry.status_code == retry_status, retry.text
+    if then == "ok":
+        assert retry.headers["idempotent-replayed"] == "true"
+        assert retry.content == first.content
+    if then == "raise":
+        assert retry.json()["type"].endswith("replay-unavailable")
+    assert len(runs) == runs_after
+    assert charges(database) == charged
+
+
+def test_no_claim_without_a_key(tmp_path: Path) -> None:
+    """current_claim() is None for a request that carries no key (nothing to mark)."""
+    seen: list[object] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        seen.append(current_claim())
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    store = SQLiteStore(str(tmp_path / "ledger.db"))
+    try:
+        with serve_in_thread(IdempotencyMiddleware(app, store=store)) as url:
+            assert httpx.post(url + "/x", timeout=30).status_code == 204
+            assert httpx.post(url + "/x", headers={"Idempotency-Key": "k"}).status_code == 204
+    finally:
+        asyncio.run(store.aclose())
+    assert seen[0] is None
+    assert isinstance(seen[1], Claim)
