@@ -285,6 +285,9 @@ def test_operator_mistakes_are_reported_not_raised(
     status, _, err = run_cli(capsys, "keys", "delete", "k", *both, "--store", url)
     assert status == 2
     assert "--scope or with -H" in err
+    status, _, err = run_cli(capsys, "stats", "--store", url + "#2")
+    assert status == 2
+    assert "write it %23" in err  # not silently a ledger at another path
     status, out, _ = run_cli(capsys, "keys", "list", "--store", url)
     assert status == 0
     assert out.strip() == f"no records in {url!r}"  # a mistyped ledger looks empty: name it
@@ -458,9 +461,15 @@ def test_headers_are_taken_as_the_bytes_typed(
         "sqlite://admin:hunter2@db/x.db",
         "redis://:hunter2@[::1/0",
         "postgresql://u:hunter2@h:99999/d",
+        "postgresql://u:hun#ter2@127.0.0.1:5432/test",
+        "redis://:hunter/2@127.0.0.1:6379",
+        "rediss+cluster://:hun?ter2@127.0.0.1:7001",
     ],
-    ids=["sqlite-netloc", "bad-ipv6", "port-out-of-range"],
-)
+    ids=[
+        "sqlite-netloc", "bad-ipv6", "port-out-of-range", "raw-hash-in-password",
+        "raw-slash-in-password", "raw-question-mark-in-password",
+    ],
+)  # fmt: skip
 def test_a_bad_store_url_is_one_line_without_its_password(
     capsys: pytest.CaptureFixture[str], url: str
 ) -> None:
@@ -471,6 +480,8 @@ def test_a_bad_store_url_is_one_line_without_its_password(
     assert err.startswith("retrysafe: ")
     assert len(err.splitlines()) == 1
     assert "hunter2" not in err
+    assert "hun" not in err.replace("hunter/2", "")  # no piece of it either
+    assert "ter2" not in err
 
 
 def test_record_ids_are_whole_bytes_and_delete_needs_a_long_prefix(

@@ -14,9 +14,11 @@ import os
 import secrets
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from conftest import drop_postgres_table, fresh_url
 
 from retrysafe import Store, open_store
 from retrysafe.records import State
@@ -492,3 +494,23 @@ async def test_purge_expired_goes_past_a_batch_up_to_its_limit(store: Store) -> 
     assert await store.purge_expired() == 20
     assert await store.purge_expired() == 0
     assert await store.get(live) is not None
+
+
+@pytest.mark.parametrize("kind", ["redis-cluster", "postgres"])
+async def test_a_url_with_several_hosts_opens_through_open_store(kind: str, tmp_path: Path) -> None:
+    """redis+cluster://h1:p1,h2:p2 and postgresql://h1:p1,h2:p2/db (the forms the docs give)
+    open through open_store, as the middleware, the gateway and the CLI use it, and work."""
+    url = fresh_url(kind, tmp_path)
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    other = "127.0.0.1:7002" if kind == "redis-cluster" else host
+    several = parts._replace(netloc=f"{parts.netloc},{other}").geturl()
+    assert f"{host},{other}" in several
+    store = open_store(several)
+    try:
+        assert await store.claim(b"r" * 32, 1, b"f", 10, 60) is None
+        assert await store.complete(b"r" * 32, 1, State.DONE, b"x", 60)
+    finally:
+        await store.aclose()
+        if kind == "postgres":
+            await asyncio.to_thread(drop_postgres_table, url)

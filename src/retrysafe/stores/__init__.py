@@ -41,10 +41,18 @@ def open_store(url: str) -> Store:
     repeated or malformed one is a :class:`ConfigError`.
     """
     try:
+        # Host lists (redis+cluster://h1:1,h2:2, postgresql://h1,h2/db) are the Redis and
+        # PostgreSQL parsers' to check: no port is read here.
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises on a port that is no number or out of range
-    except ValueError as exc:
-        raise ConfigError(f"{redact_url(url)}: not a valid store URL ({exc})") from None
+    except ValueError:  # its text may quote a piece of a password: never shown
+        raise ConfigError(f"{redact_url(url)}: not a valid store URL") from None
+    if "@" in url.partition("://")[2] and "@" not in parts.netloc:
+        # user:pa#ss@host: the '#' ended the host part early, and what follows (a piece of
+        # the password among it) would be read as a path, options or a fragment.
+        raise ConfigError(
+            f"{redact_url(url)}: an '@' outside the host part; percent-encode '@', '/', '?'"
+            " and '#' in passwords and option values (%40, %2F, %3F, %23)"
+        )
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     repeated = sorted(name for name, n in Counter(name for name, _ in pairs).items() if n > 1)
     if repeated:
@@ -64,6 +72,11 @@ def open_store(url: str) -> Store:
         path = parts.path[1:]
         if not path:
             raise ConfigError(f"{redact_url(url)}: the sqlite URL names no file")
+        if parts.fragment or url.endswith("#"):
+            raise ConfigError(
+                f"{redact_url(url)}: a '#' in a sqlite URL starts a fragment, not part of the"
+                " file name: write it %23"
+            )
         kwargs: _SQLiteOptions = {}
         if "busy_timeout" in options:
             raw = options.pop("busy_timeout")
@@ -121,6 +134,11 @@ def redact_url(url: str) -> str:
         password = parts.password
     except ValueError:  # an unparsable port, say: hide everything after the scheme
         return repr(url.partition("://")[0] + "://***")
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest and "@" not in parts.netloc:
+        # A password with a raw '/', '?' or '#' ends the netloc early: urlsplit saw no
+        # credentials. Hide everything up to the last '@' (more than needed, never less).
+        return repr(f"{scheme}://***@{rest.rpartition('@')[2]}")
     query = _SECRET_OPTIONS.sub(r"\1\2=***", parts.query)
     if password is None and parts.username and parts.scheme in REDIS_SCHEMES:
         # redis://secret@host: Redis clients read a lone userinfo as the password.

@@ -613,6 +613,10 @@ class PostgresStore(Store):
         """The store a ``postgresql://`` or ``postgres://`` URL names (see the module)."""
         where = _redact(url)
         parts = urlsplit(url)
+        for host in parts.netloc.rpartition("@")[2].split(","):  # h1:5432,h2:5433: each port
+            port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host else ""
+            if port and not (port.isdigit() and 0 < int(port) < 65536):
+                raise ConfigError(f"{where}: not a valid port: {port!r}")
         pairs = parse_qsl(parts.query, keep_blank_values=True)
         names = [name for name, _ in pairs]
         repeated = sorted({name for name in names if names.count(name) > 1})
