@@ -320,6 +320,28 @@ async def test_the_claim_race_answers_the_record_under_a_stricter_default_isolat
                 assert found is None or (found.token, found.state) == (winners[0], State.IN_FLIGHT)
 
 
+@pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
+async def test_renewals_waiters_and_completions_collide_harmlessly_under_a_stricter_isolation(
+    pg_url: str, isolation: str
+) -> None:
+    """Under default_transaction_isolation above READ COMMITTED, a completion racing the
+    heartbeat's renewal or a waiter's mark on the same row is run again, never lost."""
+    setting = quote(f"-c default_transaction_isolation={isolation.replace(' ', chr(92) + ' ')}")
+    url = with_options(pg_url, max_size=16, options=setting)
+    async with opened(url) as store:
+        for i in range(60):
+            r, t = rid(), token()
+            assert await store.claim(r, t, FP, LONG, LONG) is None
+            rival = store.renew(r, t, LONG) if i % 2 else store.wait(r, 0.5)
+            _, completed = await asyncio.gather(
+                rival, store.complete(r, t, State.DONE, b"resp", LONG)
+            )
+            assert completed is True
+            record = await store.get(r)
+            assert record is not None
+            assert record.state is State.DONE
+
+
 async def test_a_replay_writes_nothing(pg_url: str) -> None:
     """Claims that find a final record neither update nor lock its row (no dead tuples)."""
     table = table_of(pg_url)

@@ -707,7 +707,17 @@ class PostgresStore(Store):
         except _CONNECT_ERRORS as exc:
             raise self.error(exc) from exc
         try:
-            result = await op(conn)
+            for attempt in range(1, CLAIM_ATTEMPTS + 1):
+                try:
+                    result = await op(conn)
+                    break
+                except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError):
+                    # Under REPEATABLE READ or SERIALIZABLE (a server, role or URL default)
+                    # two of the ledger's own writes to one row (a renewal and a completion,
+                    # a waiter's mark) collide. Every operation is one statement, fenced by
+                    # token, whose failed run left nothing: run it again.
+                    if attempt == CLAIM_ATTEMPTS:
+                        raise
         except BaseException as exc:
             pool.release(conn, exc)
             if isinstance(exc, _DB_ERRORS):
