@@ -89,6 +89,29 @@ def pipes() -> Iterator[list[int]]:
 
 
 @forks
+def test_a_private_database_survives_a_fork_in_the_parent() -> None:
+    """A ":memory:" ledger is its process's own: a fork leaves the parent's records in place
+    (an in-flight claim still refuses a duplicate) and gives the child an empty one."""
+    store = SQLiteStore(":memory:")
+    r = secrets.token_bytes(32)
+
+    async def claim(token: int) -> object:
+        return await store.claim(r, token, b"fp", 60, 60)
+
+    assert asyncio.run(claim(1)) is None
+
+    async def child() -> None:
+        assert await claim(2) is None  # the child's own, empty database
+        await store.aclose()
+
+    assert exit_code(fork_child(child)) == 0
+    found = asyncio.run(claim(3))
+    assert found is not None
+    assert getattr(found, "token", None) == 1
+    asyncio.run(store.aclose())
+
+
+@forks
 @pytest.mark.parametrize("order", ["child_claims_first", "parent_closes_first"])
 def test_a_claim_made_in_a_forked_child_outlives_the_parents_close(
     ledger: str, order: str, pipes: list[int]

@@ -109,6 +109,8 @@ def _before_fork() -> None:
         held.append(store._purge_lock)
         store._apart_lock.acquire()  # and for a large write in a worker thread
         held.append(store._apart_lock)
+        if store._private:
+            continue  # the connection IS the database: the parent keeps it (see the child)
         try:
             store._close()
         except Exception:  # pragma: no cover - a fork must not fail for a ledger
@@ -130,7 +132,18 @@ def _after_fork() -> None:
     _forking = False
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork)
+def _after_fork_in_child() -> None:
+    # A private (":memory:") database is its process's own: the child starts an empty one
+    # rather than use the parent's connection, which it drops without touching.
+    for store in list(_stores):
+        if store._private:
+            store._conn = None
+    _after_fork()
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork_in_child
+)
 
 
 class SQLiteStore(Store):
