@@ -990,3 +990,29 @@ def test_http_requests_fail_closed_while_redis_is_down_and_recover(tmp_path: Pat
     refused = {key for key, response in answers if response.status_code == 503}
     assert set(executed_keys) == succeeded  # a refused request never ran
     assert not refused & set(executed_keys)
+
+
+async def test_closing_the_store_under_a_connecting_request_is_unavailable_not_cancelled(
+    url: str,
+) -> None:
+    """A request waiting for a connection (or the slot map) that the store's close cancels
+    gets StoreUnavailable (a 503), never a CancelledError it did not ask for (a 500)."""
+    ledger = open_store(url)
+    pending = asyncio.ensure_future(ledger.claim(rid(), token(), FP, LONG, LONG))
+    await asyncio.sleep(0)  # the claim is opening its connection
+    await ledger.aclose()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await bounded(pending)
+    assert not pending.cancelled()
+
+
+@pytest.mark.parametrize("host", ["a..b", "x" * 70 + ".example"])
+async def test_a_host_name_that_cannot_be_encoded_is_unavailable(host: str) -> None:
+    """A host IDNA cannot encode (an empty or overlong label) is a StoreUnavailable (503),
+    not a UnicodeError escaping as a 500."""
+    ledger = open_store(f"redis://{host}:6379")
+    try:
+        with pytest.raises(StoreUnavailable, match="idna"):
+            await bounded(ledger.claim(rid(), token(), FP, LONG, LONG))
+    finally:
+        await ledger.aclose()

@@ -83,7 +83,7 @@ import ssl
 import weakref
 from binascii import hexlify
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ..errors import ConfigError, CorruptRecord, StoreBusy, StoreError, StoreUnavailable
@@ -96,6 +96,7 @@ __all__ = ["EXPIRY_GRACE", "UNREADABLE_TOKEN", "RedisStore"]
 logger = logging.getLogger("retrysafe")
 
 Address = tuple[str, int]
+T = TypeVar("T")
 
 EXPIRY_GRACE = 30.0
 """Seconds a record's native TTL outlasts its ``expires_at`` (see the module's notes)."""
@@ -733,7 +734,7 @@ class RedisStore(Store):
                     finished.exception()  # retrieved: callers may all have given up
 
             task.add_done_callback(done)
-        return await asyncio.shield(task)
+        return await self._shared(task)
 
     async def _connect(self, link: _Link, addr: Address, pubsub: bool) -> Connection:
         try:
@@ -748,6 +749,8 @@ class RedisStore(Store):
             )
         except ReplyError as exc:
             raise self._refused(addr, exc) from None
+        except ValueError as exc:  # a host name IDNA cannot encode ("a..b"), say
+            raise self._lost(addr, exc) from exc
         if pubsub:
             link.subscribers[addr] = _Subscriber(conn, sharded=self.cluster)
         else:
@@ -855,7 +858,18 @@ class RedisStore(Store):
         if task is None or task.done():
             task = link.refreshing = link.loop.create_task(self._read_slots(link))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return await asyncio.shield(task)
+        return await self._shared(task)
+
+    async def _shared(self, task: asyncio.Task[T]) -> T:
+        """Await a task other callers share; if the store's close cancelled it under a caller
+        that was not cancelled itself, that caller gets StoreUnavailable, not CancelledError."""
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                raise StoreUnavailable(f"{self._where}: the store was closed") from None
+            raise
 
     async def _read_slots(self, link: _Link) -> list[Address | None]:
         known = sorted({a for a in self._slots or () if a is not None})
