@@ -1788,3 +1788,60 @@ async def test_a_reused_body_buffer_is_replayed_as_sent() -> None:
     assert (REPLAYED.encode(), b"true") in replay_headers
     assert replay == first
     assert calls == 1
+
+
+# -- composition: nested layers, mounted apps, failing policy functions ---------------------------
+
+
+async def test_a_layer_inside_a_layer_of_the_same_namespace_passes_through() -> None:
+    """Two middlewares of one namespace around one app (a sub-app and its parent): the outer
+    claims, the inner passes through, so the handler runs once instead of 409 forever."""
+    app = Counting()
+    engine = Engine("memory://")
+    outer = IdempotencyMiddleware(IdempotencyMiddleware(app, engine=engine), engine=engine)
+    transport = httpx.ASGITransport(app=outer)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        first = await client.post("/o", headers=key())
+        retry = await client.post("/o", headers=key())
+    await engine.aclose()
+    assert_original(first, 1)
+    assert_replay_of(retry, first)
+    assert app.calls == 1
+
+
+async def test_routes_match_the_path_below_the_root_path() -> None:
+    """Under a root_path (uvicorn --root-path, a Starlette Mount) a Route names the path the
+    app routes on, as Starlette does: its require_key still applies."""
+    app = Counting()
+    middleware = IdempotencyMiddleware(
+        app, store="memory://", routes=[Route("/charges", require_key=True)]
+    )
+    transport = httpx.ASGITransport(app=middleware, root_path="/api")
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        refused = await client.post("/api/charges")
+        other = await client.post("/api/other")
+    await middleware.aclose()
+    assert_problem(refused, "missing-key", 400)
+    assert other.status_code == 200
+    assert app.calls == 1
+
+
+@pytest.mark.parametrize("which", ["scope", "fingerprint"])
+async def test_a_failing_scope_or_fingerprint_function_is_a_400_problem(
+    which: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scope or fingerprint function that raises on a request gets a 400 malformed-request
+    problem (never a 500), nothing runs, and the log names only the exception's type."""
+    app = Counting()
+
+    def failing(request: RequestView) -> bytes:
+        raise ValueError("bad token sk_live_123")
+
+    caplog.set_level(logging.WARNING, logger="retrysafe")
+    async with serve(app, "memory://", **{which: failing}) as (client, middleware):
+        response = await client.post("/o", headers=key(authorization="Bearer sk_live_123"))
+    assert_problem(response, "malformed-request", 400)
+    assert app.calls == 0
+    assert middleware.engine.counts[Event.IDENTITY_FAILED] == 1
+    assert "ValueError" in caplog.text
+    assert "sk_live" not in caplog.text

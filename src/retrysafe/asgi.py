@@ -65,8 +65,10 @@ class IdempotencyMiddleware:
                 await self.app(scope, receive, send)
             return
         engine = self.engine
-        policy = engine.policy_for(scope["method"], scope["path"])
-        if policy is None:
+        policy = engine.policy_for(scope["method"], _route_path(scope))
+        if policy is None or engine.namespace in scope.get(CLAIMED, ()):
+            # Unprotected, or inside a layer of the same namespace that already holds the
+            # claim (a second claim would find the first in flight: 409 forever).
             await self.app(scope, receive, send)
             return
         headers = scope["headers"]
@@ -100,7 +102,11 @@ class IdempotencyMiddleware:
             )
             await send({"type": "http.response.body", "body": answer.body})
         else:
-            await _Responder(self.app, answer, body)(_without_file_sends(scope), receive, send)
+            inner = {
+                **_without_file_sends(scope),
+                CLAIMED: (*scope.get(CLAIMED, ()), engine.namespace),
+            }
+            await _Responder(self.app, answer, body)(inner, receive, send)
 
     def _closing_send(self, send: Send) -> Send:
         """Close the ledger when the app reports its shutdown complete."""
@@ -129,6 +135,20 @@ class IdempotencyMiddleware:
 
 
 _FILE_SENDS = ("http.response.pathsend", "http.response.zerocopysend")
+CLAIMED = "retrysafe.claimed"
+"""The scope key naming the namespaces whose layers hold a claim for this request: an inner
+layer of one of them passes the request through."""
+
+
+def _route_path(scope: Scope) -> str:
+    """The path routes are matched against: without the ``root_path`` the app is mounted
+    under (as Starlette routes), so that ``Route("/charges")`` means the same under
+    ``uvicorn --root-path /api`` or a ``Mount``."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :] or "/"
+    return path
 
 
 def _without_file_sends(scope: Scope) -> Scope:

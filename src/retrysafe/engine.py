@@ -284,11 +284,20 @@ class Engine:
         self, request: RequestView, key: str, policy: Policy
     ) -> Execution | Replay | Problem:
         """Claim ``key`` for ``request`` (whose body is read) and say what the face must do."""
-        rid, scope = self.record_id(request, key, policy)
-        if len(request.body) > OFFLOAD_BODY:  # canonicalising MiBs of JSON takes a while
-            fingerprint = await asyncio.to_thread(self.fingerprint, request, policy)
-        else:
-            fingerprint = self.fingerprint(request, policy)
+        try:
+            rid, scope = self.record_id(request, key, policy)
+            if len(request.body) > OFFLOAD_BODY:  # canonicalising MiBs of JSON takes a while
+                fingerprint = await asyncio.to_thread(self.fingerprint, request, policy)
+            else:
+                fingerprint = self.fingerprint(request, policy)
+        except Exception as exc:  # the app's own scope or fingerprint function failed
+            # Its message may quote the credentials it was parsing: only the type is told.
+            self.report(Event.IDENTITY_FAILED, request, status=400, detail=type(exc).__name__)
+            return Problem(
+                ProblemType.MALFORMED_REQUEST,
+                "Who sent this request, or what it asks, could not be worked out from it"
+                " (the server's scope or fingerprint function failed); it was not executed.",
+            )
         deadline = time.monotonic() + policy.wait
         self._maybe_purge()
         dropped = 0

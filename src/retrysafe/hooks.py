@@ -46,12 +46,16 @@ class Event(enum.StrEnum):
     """A stored record could not be decoded and was treated as absent."""
     LEASE_LOST = "lease-lost"
     """A running handler's claim was taken over or vanished; its outcome will not be recorded."""
+    IDENTITY_FAILED = "identity-failed"
+    """The policy's own ``scope`` or ``fingerprint`` function raised: the request was refused
+    (400 ``malformed-request``) and not executed. Only the exception's type is reported (its
+    message may quote credentials)."""
 
 
 _WARNINGS = frozenset(
     {
         Event.STORE_ERROR, Event.FAIL_OPEN, Event.CORRUPT_RECORD, Event.LEASE_LOST,
-        Event.BROKEN_RESPONSE,
+        Event.BROKEN_RESPONSE, Event.IDENTITY_FAILED,
     }
 )  # fmt: skip
 

@@ -27,7 +27,8 @@ class ProblemType(enum.Enum):
     UPSTREAM_TIMEOUT = ("upstream-timeout", 504, "Upstream timed out")
     """The gateway gave up waiting for the upstream's answer."""
     MALFORMED_REQUEST = ("malformed-request", 400, "Malformed request")
-    """The gateway refused a request it cannot forward unambiguously (its Host, for one)."""
+    """A request the layer cannot identify or forward unambiguously (the gateway: its Host;
+    any face: the app's scope or fingerprint function failed on it)."""
     SHUTTING_DOWN = ("shutting-down", 503, "Server shutting down")
     """The server stopped before the answer was ready (the key, if any, was released)."""
 
