@@ -184,6 +184,84 @@ async def test_a_mark_rolled_back_leaves_the_key_releasable(ledger_url: str) -> 
     assert await app.effects() == 0
 
 
+async def test_a_marked_record_outlives_its_lease_by_the_ttl(ledger_url: str) -> None:
+    """Even with a ttl shorter than the lease, a marked record is kept ttl past its lease,
+    renewals included: its holder's death never lets a claim take the key over."""
+    app = AppDatabase(ledger_url)
+    async with opened(ledger_url) as store:
+        assert await store.claim(b"r6", 1, FINGERPRINT, 0.4, 0.1) is None
+        async with app.transaction(Claim(store, b"r6", 1, ttl=30), "k6"):
+            pass
+        assert await store.renew(b"r6", 1, 0.4) is True
+        record = await store.get(b"r6")
+        assert record is not None
+        assert record.expires_at - record.lease_until >= 29
+        await asyncio.sleep(0.8)  # the holder "died": no more renewals, the lease ran out
+        found = await store.claim(b"r6", 2, FINGERPRINT, 10, 0.1)
+        assert found is not None
+        assert (found.state, found.token) == (State.NOT_REPLAYABLE, 1)
+    assert await app.effects() == 1
+
+
+async def test_a_holder_whose_lease_lapsed_cannot_mark(ledger_url: str) -> None:
+    """A lease that ran out, even with nobody taking the key over yet, cannot be marked:
+    ClaimLost rolls the effect back, and the key stays free to be taken over."""
+    app = AppDatabase(ledger_url)
+    async with opened(ledger_url) as store:
+        assert await store.claim(b"r7", 1, FINGERPRINT, 0.2, 60) is None
+        await asyncio.sleep(0.4)
+        with pytest.raises(ClaimLost):
+            async with app.transaction(Claim(store, b"r7", 1), "late"):
+                pass
+        assert await store.claim(b"r7", 2, FINGERPRINT, 10, 60) is None
+    assert await app.effects() == 0
+
+
+async def test_a_mark_outside_a_transaction_is_refused(ledger_url: str) -> None:
+    """A connection in autocommit (or an asyncpg one outside transaction()) would commit the
+    mark alone: refused with ConfigError, nothing marked."""
+    async with opened(ledger_url) as store:
+        assert await store.claim(b"r8", 1, FINGERPRINT, 10, 60) is None
+        claim = Claim(store, b"r8", 1)
+        if ledger_url.startswith("sqlite:///"):
+            conn = sqlite3.connect(ledger_url.removeprefix("sqlite:///"), isolation_level=None)
+            try:
+                with pytest.raises(ConfigError, match="inside the transaction"):
+                    claim.mark(conn)
+            finally:
+                conn.close()
+        else:
+            import asyncpg
+
+            connection = await asyncpg.connect(ledger_url.split("?", 1)[0])
+            try:
+                with pytest.raises(ConfigError, match="inside the transaction"):
+                    await claim.amark(connection)
+            finally:
+                await connection.close()
+        record = await store.get(b"r8")
+        assert record is not None
+        assert record.state is State.IN_FLIGHT
+        assert await store.release(b"r8", 1) is True
+
+
+async def test_operators_see_a_dead_holders_mark_as_not_replayable(ledger_url: str) -> None:
+    """The admin listing shows a marked record whose holder died as not replayable (what
+    retries get), never as a stuck in-flight key to clear."""
+    from retrysafe import admin
+
+    app = AppDatabase(ledger_url)
+    async with opened(ledger_url) as store:
+        assert await store.claim(b"r9", 1, FINGERPRINT, 0.2, 60) is None
+        async with app.transaction(Claim(store, b"r9", 1), "k9"):
+            pass
+        await asyncio.sleep(0.4)
+        listing = await admin.list_records(store, state=State.NOT_REPLAYABLE)
+        assert [rid for rid, _ in listing.records] == [b"r9"]
+        assert (await admin.list_records(store, state=State.COMMITTED)).records == []
+    await app.effects()
+
+
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 async def test_a_ledger_outside_the_apps_database_refuses_to_mark(
     kind: str, tmp_path: Path
@@ -270,6 +348,36 @@ def test_an_effect_committed_with_its_mark_is_never_run_twice(
         assert retry.json()["type"].endswith("replay-unavailable")
     assert len(runs) == runs_after
     assert charges(database) == charged
+
+
+def test_no_claim_once_the_outcome_is_recorded(tmp_path: Path) -> None:
+    """After the response's last byte (a background task) current_claim() is None, and a
+    Claim kept from before refuses to mark: the outcome is already recorded."""
+    seen: list[object] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        claim = current_claim()
+        assert claim is not None
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+        seen.append(current_claim())  # what a Starlette BackgroundTask would see
+        conn = sqlite3.connect(tmp_path / "ledger.db")
+        try:
+            with conn, pytest.raises(ClaimLost, match="already recorded"):
+                claim.mark(conn)
+        finally:
+            conn.close()
+        seen.append("refused")
+
+    store = SQLiteStore(str(tmp_path / "ledger.db"))
+    try:
+        with serve_in_thread(IdempotencyMiddleware(app, store=store)) as url:
+            response = httpx.post(url + "/x", headers={"Idempotency-Key": "k"}, timeout=30)
+    finally:
+        asyncio.run(store.aclose())
+    assert response.status_code == 201
+    assert seen == [None, "refused"]
 
 
 def test_no_claim_without_a_key(tmp_path: Path) -> None:

@@ -42,6 +42,15 @@ STATES_BY_NAME = {name: state for state, name in STATE_NAMES.items()}
 _HELD = (State.IN_FLIGHT, State.COMMITTED)
 """The states of a record whose claim is still held, by a lease."""
 
+
+def seen_state(record: Record, now: float) -> State:
+    """The state requests see: an effect committed by a holder that died (its lease ran
+    out) is not replayable, never a stuck key to clear."""
+    if record.state is State.COMMITTED and record.lease_until <= now:
+        return State.NOT_REPLAYABLE
+    return record.state
+
+
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNITS = {None: 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -136,7 +145,7 @@ async def list_records(
             age = now - record.created_at
             if (
                 (scope_tag is None or record.scope.startswith(scope_tag))
-                and (state is None or record.state is state)
+                and (state is None or seen_state(record, now) is state)
                 and (older_than is None or age >= older_than)
                 and (newer_than is None or age <= newer_than)
             ):
@@ -188,11 +197,11 @@ def record_as_dict(
     data: dict[str, Any] = {
         "id": rid.hex(),
         "scope": record.scope.hex(),
-        "state": STATE_NAMES[record.state],
+        "state": STATE_NAMES[seen_state(record, now)],
         "token": record.token,
         "created_at": record.created_at,
         "expires_at": record.expires_at,
-        "lease_until": record.lease_until if record.state in _HELD else None,
+        "lease_until": record.lease_until if seen_state(record, now) in _HELD else None,
         "age": round(now - record.created_at, 3),
         "status": None if response is None else response.status,
         "body_bytes": None if response is None else len(response.body),
@@ -215,7 +224,7 @@ def record_table(rows: Sequence[tuple[bytes, Record]], now: float) -> str:
         if record.response is not None and response is None:
             status = "damaged"
         lease = "-"
-        if record.state in _HELD:
+        if seen_state(record, now) in _HELD:
             # A lease run out marks a stuck key (its process died): say so, not "-".
             left = record.lease_until - now
             lease = format_duration(left) if left >= 0 else "expired"
@@ -223,7 +232,7 @@ def record_table(rows: Sequence[tuple[bytes, Record]], now: float) -> str:
             (
                 rid.hex(),
                 record.scope.hex() or "-",
-                STATE_NAMES[record.state],
+                STATE_NAMES[seen_state(record, now)],
                 status,
                 format_duration(now - record.created_at),
                 format_duration(record.expires_at - now),

@@ -24,7 +24,7 @@ from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Unpack
 
-from .errors import ClaimLost, CorruptRecord, StoreBusy, StoreError
+from .errors import ClaimLost, ConfigError, CorruptRecord, StoreBusy, StoreError
 from .fingerprint import RequestView, default_fingerprint
 from .hooks import Decision, Event, Hook, log_decision, log_enabled
 from .keys import MalformedKey, find_key
@@ -89,14 +89,18 @@ class Claim:
     back: the effect is committed by one holder at most.
     """
 
-    __slots__ = ("marked", "rid", "store", "token")
+    __slots__ = ("finished", "marked", "rid", "store", "token", "ttl")
 
-    def __init__(self, store: Store, rid: bytes, token: int) -> None:
+    def __init__(self, store: Store, rid: bytes, token: int, ttl: float = 86400.0) -> None:
         self.store = store
         self.rid = rid
         self.token = token
+        self.ttl = ttl
+        """How long the record is kept past its lease once marked (the policy's ttl)."""
         self.marked = False
         """Whether a mark was made (its transaction may still have rolled back)."""
+        self.finished = False
+        """Whether the outcome was recorded or the key released: too late to mark."""
 
     def mark(self, connection: Any) -> None:
         """Mark the effect committed, in ``connection``'s open transaction (a DB-API
@@ -104,9 +108,17 @@ class Claim:
         paramstyle = self.store.dbapi_paramstyle
         if paramstyle is None:
             self.store.mark_statement("")  # raises: this ledger cannot take part
+        self._check_open()
+        if getattr(connection, "autocommit", None) is True or (
+            getattr(connection, "isolation_level", "") is None
+            and not getattr(connection, "in_transaction", True)
+        ):
+            raise ConfigError(_NO_TRANSACTION)
         cursor = connection.cursor()
         try:
-            cursor.execute(self.store.mark_statement(str(paramstyle)), (self.rid, self.token))
+            cursor.execute(
+                self.store.mark_statement(str(paramstyle)), (self.rid, self.token, self.ttl)
+            )
             self._marked(cursor.rowcount)
         finally:
             cursor.close()
@@ -114,24 +126,42 @@ class Claim:
     async def amark(self, connection: Any) -> None:
         """:meth:`mark` for an asyncpg connection (or psycopg's ``AsyncConnection``), inside
         its transaction (``async with connection.transaction(): ...``)."""
+        self._check_open()
         if hasattr(connection, "fetchval"):  # asyncpg: $n parameters, a status string back
+            in_transaction = getattr(connection, "is_in_transaction", None)
+            if in_transaction is None or not in_transaction():  # a pool, or autocommit
+                raise ConfigError(_NO_TRANSACTION)
             sql = self.store.mark_statement("numeric_dollar")
-            status: str = await connection.execute(sql, self.rid, self.token)
+            status: str = await connection.execute(sql, self.rid, self.token, self.ttl)
             self._marked(int(status.rsplit(" ", 1)[-1]))
         else:  # psycopg's AsyncConnection: execute() returns a cursor
+            if getattr(connection, "autocommit", None) is True:
+                raise ConfigError(_NO_TRANSACTION)
             sql = self.store.mark_statement(str(self.store.dbapi_paramstyle))
-            cursor = await connection.execute(sql, (self.rid, self.token))
+            cursor = await connection.execute(sql, (self.rid, self.token, self.ttl))
             self._marked(cursor.rowcount)
+
+    def _check_open(self) -> None:
+        if self.finished:
+            raise ClaimLost(
+                "this request's outcome is already recorded (or its key released): mark the"
+                " effect before the response's last byte is sent, not in a background task"
+            )
 
     def _marked(self, rows: int) -> None:
         if rows != 1:
             raise ClaimLost(
-                "the claim on this key is no longer held (its lease ran out and another"
-                " request took it over): roll the transaction back"
+                "the claim on this key is no longer held (its lease ran out, and another"
+                " request may have taken it over): roll the transaction back"
             )
         self.marked = True
 
 
+_NO_TRANSACTION = (
+    "mark the claim inside the transaction that commits the effect (the connection is in"
+    " autocommit, or not in a transaction): a mark committed alone would refuse every retry"
+    " of an effect that may never commit"
+)
 _CURRENT_CLAIM: contextvars.ContextVar[Claim | None] = contextvars.ContextVar(
     "retrysafe_claim", default=None
 )
@@ -139,8 +169,10 @@ _CURRENT_CLAIM: contextvars.ContextVar[Claim | None] = contextvars.ContextVar(
 
 def current_claim() -> Claim | None:
     """The :class:`Claim` of the request being handled, or None: no key, an unprotected
-    request, or one running unprotected because the ledger failed (``fail_open``)."""
-    return _CURRENT_CLAIM.get()
+    request, one running unprotected because the ledger failed (``fail_open``), or code that
+    runs after its outcome was recorded (a background task)."""
+    claim = _CURRENT_CLAIM.get()
+    return None if claim is None or claim.finished else claim
 
 
 DEFAULT_STORE = "sqlite:///retrysafe.db"
@@ -473,7 +505,7 @@ class Execution:
         self._size = 0
         self._declared: int | None = None
         self._done = policy is None
-        self.claim = None if policy is None else Claim(engine.store, rid, token)
+        self.claim = None if policy is None else Claim(engine.store, rid, token, policy.ttl)
         """What the handler sees as :func:`current_claim` (None when running unprotected)."""
         self.renew_every = 0.0 if policy is None else policy.lease / 3
         self.renew_at = asyncio.get_running_loop().time() + self.renew_every
@@ -503,6 +535,8 @@ class Execution:
         if self._done:
             return False
         self._done = True
+        if self.claim is not None:
+            self.claim.finished = True
         self.engine.unwatch(self)
         return True
 
@@ -630,13 +664,17 @@ class Execution:
                 # Its effect was committed with the mark: never run it again (a mark whose
                 # transaction rolled back leaves the record releasable, as released above).
                 assert self.policy is not None
-                await self.engine.store.complete(
+                kept = await self.engine.store.complete(
                     self.rid, self.token, State.NOT_REPLAYABLE, None, self.policy.ttl
                 )
-                self.engine.report(
-                    Event.NOT_REPLAYABLE, self.request, self.rid, self._status or None,
-                    f"{reason} after committing its effect; kept as not replayable",
-                )  # fmt: skip
+                if kept:
+                    event, detail = (
+                        Event.NOT_REPLAYABLE,
+                        (f"{reason} after committing its effect; kept as not replayable"),
+                    )
+                else:  # gone: its mark rolled back, and the record expired or was deleted
+                    event, detail = Event.LEASE_LOST, f"{reason}; the claim was no longer held"
+                self.engine.report(event, self.request, self.rid, self._status or None, detail)
                 return
         except (StoreError, CorruptRecord) as exc:
             self._lost(f"{UNRELEASED}: {exc}")

@@ -130,9 +130,11 @@ class Store(abc.ABC):
 
     def mark_statement(self, paramstyle: str) -> str:
         """The SQL that turns the in-flight claim into :attr:`State.COMMITTED`, for the app to
-        run in its own transaction with parameters (record id, token); one row changed means
-        the claim was held. ``paramstyle``: ``"qmark"`` (``?``), ``"format"`` (``%s``) or
-        ``"numeric_dollar"`` (``$1``). Only a ledger in the app's own database can do this.
+        run in its own transaction with parameters (record id, token, ttl); one row changed
+        means the claim was held, with its lease running. The record is then kept at least
+        ``ttl`` past its lease, renewals included. ``paramstyle``: ``"qmark"`` (``?``),
+        ``"format"`` (``%s``) or ``"numeric_dollar"`` (``$1``). Only a ledger in the app's own
+        database can do this.
         """
         raise ConfigError(
             f"a {type(self).__name__} cannot take part in the app's transaction: keep the"

@@ -559,7 +559,8 @@ class PostgresStore(Store):
         )
         self._sql_renew = (
             f"UPDATE {t} SET lease_until = {_NOW} + $3,"
-            f" expires_at = greatest(expires_at, {_NOW} + $3)"
+            f" expires_at = greatest(expires_at, {_NOW} + $3"
+            " + CASE WHEN state = 3 THEN expires_at - lease_until ELSE 0 END)"
             " WHERE rid = $1 AND token = $2 AND state IN (0, 3)"
         )
         # Notify only records a waiter marked (see wait()); one row back: done, none: not held.
@@ -576,8 +577,13 @@ class PostgresStore(Store):
             f"WITH d AS (DELETE FROM {t} WHERE rid = $1 AND token = $2 AND state <> 3"
             f" RETURNING rid, watched) {notify} FROM d"
         )  # a committed effect's record is never released (State.COMMITTED)
+        # Run by the app inside its own transaction: (rid, token, ttl). clock_timestamp(), not
+        # now(): that transaction may have begun long before its lease ran out.
         self._sql_mark = (
-            f"UPDATE {t} SET state = 3 WHERE rid = $1 AND token = $2 AND state IN (0, 3)"
+            f"UPDATE {t} AS r SET state = 3, expires_at = greatest(r.expires_at,"
+            " r.lease_until + x.ttl) FROM (SELECT $1::bytea AS rid, $2::bigint AS token,"
+            " $3::float8 AS ttl) AS x WHERE r.rid = x.rid AND r.token = x.token"
+            " AND r.state IN (0, 3) AND r.lease_until > date_part('epoch', clock_timestamp())"
         )
         self._sql_delete = (
             f"WITH d AS (DELETE FROM {t} WHERE rid = $1 RETURNING rid, watched) {notify} FROM d"
@@ -887,7 +893,7 @@ class PostgresStore(Store):
         if paramstyle == "numeric_dollar":
             return self._sql_mark
         if paramstyle == "format":
-            return self._sql_mark.replace("$1", "%s").replace("$2", "%s")
+            return self._sql_mark.replace("$1", "%s").replace("$2", "%s").replace("$3", "%s")
         raise ConfigError(
             f"a postgresql ledger takes numeric_dollar or format parameters, not {paramstyle!r}"
         )

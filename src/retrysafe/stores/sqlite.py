@@ -212,7 +212,10 @@ class SQLiteStore(Store):
             " WHERE expires_at <= ?7 OR (state = 0 AND lease_until <= ?7) RETURNING token"
         )
         self._sql_renew = (
-            f"UPDATE {t} SET lease_until = ?1, expires_at = MAX(expires_at, ?1)"
+            # A COMMITTED record keeps the ttl the mark gave it past its lease (SET reads
+            # the row's old values): its holder's death never lets it expire with the lease.
+            f"UPDATE {t} SET lease_until = ?1, expires_at = MAX(expires_at,"
+            " ?1 + CASE WHEN state = 3 THEN expires_at - lease_until ELSE 0 END)"
             " WHERE rid = ?2 AND token = ?3 AND state IN (0, 3)"
         )
         self._sql_complete = (
@@ -221,7 +224,13 @@ class SQLiteStore(Store):
         )
         # A committed effect's record is never released (State.COMMITTED).
         self._sql_release = f"DELETE FROM {t} WHERE rid = ? AND token = ? AND state <> 3"
-        self._sql_mark = f"UPDATE {t} SET state = 3 WHERE rid = ? AND token = ? AND state IN (0, 3)"
+        # Run by the app, on its own connection and clock: (rid, token, ttl). The lease must
+        # still run: a holder whose lease lapsed may be taken over at any moment.
+        self._sql_mark = (
+            f"UPDATE {t} SET state = 3, expires_at = MAX(expires_at, lease_until + ?3)"
+            " WHERE rid = ?1 AND token = ?2 AND state IN (0, 3)"
+            " AND lease_until > (julianday('now') - 2440587.5) * 86400.0"
+        )
         self._sql_delete = f"DELETE FROM {t} WHERE rid = ?"
         self._sql_purge = (
             f"DELETE FROM {t} WHERE rid IN"
