@@ -415,68 +415,50 @@ def test_sigterm_lets_an_in_flight_request_finish(upstream: Upstream, tmp_path: 
     assert replay.content == response.content
 
 
-def test_shutdown_timeout_releases_the_key_of_an_unfinished_request(
-    upstream: Upstream, tmp_path: Path
-) -> None:
-    """A request still running when the shutdown timeout ends is cut off (503 shutting-down)
-    and its key released: the retry on the next gateway executes instead of waiting out the
-    lease."""
-    store = f"sqlite:///{tmp_path / 'ledger.db'}"
-    path, key = f"/slow/{uid()}", uid()
-    args = ("--store", store, "--shutdown-timeout", "0.5")
-    with run_gateway(upstream.url, tmp_path, *args) as process, ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(
-            httpx.post, process.url + path,
-            headers={"Idempotency-Key": key, "x-delay": "30"}, timeout=30,
-        )  # fmt: skip
-        poll_until(lambda: len(upstream.executions(path=path)) == 1, timeout=10)
-        process.process.send_signal(signal.SIGTERM)
-        assert process.process.wait(timeout=20) == 0
-        cut = pending.result()
-    assert cut.status_code == 503
-    assert cut.json()["type"].endswith("shutting-down")
-    with run_gateway(upstream.url, tmp_path, "--store", store, name="again") as again:
-        retry = httpx.post(again.url + path, headers={"Idempotency-Key": key})
-    assert retry.status_code == 200
-    assert REPLAYED not in retry.headers
-
-
 SHUTDOWN_ROUTES = (
     '[[routes]]\npath = "/keep/**"\nupstream_failure = "keep"\n'
     '[[routes]]\npath = "/stream/keep/**"\nupstream_failure = "keep"\n'
 )
 
 
-def test_shutdown_timeout_on_a_keep_route_keeps_what_the_upstream_may_have_run(
-    upstream: Upstream, tmp_path: Path
+@pytest.mark.parametrize("prefix", ["/slow", "/keep"])
+def test_shutdown_timeout_cuts_off_a_request_the_upstream_holds(
+    upstream: Upstream, tmp_path: Path, prefix: str
 ) -> None:
-    """Under upstream_failure = "keep", a request the upstream holds when the shutdown timeout
-    ends may have run: it gets a 502 that is kept and replayed, never sent a second time."""
+    """A request still running when the shutdown timeout ends is cut off. By default with 503
+    shutting-down and its key released: the retry on the next gateway executes instead of
+    waiting out the lease. Under upstream_failure = "keep" the upstream may have run it: a
+    502 that is kept and replayed, never sent a second time."""
     store = f"sqlite:///{tmp_path / 'ledger.db'}"
-    path, key = f"/keep/{uid()}", uid()
+    path, key = f"{prefix}/{uid()}", uid()
+    headers = {"Idempotency-Key": key, "x-delay": "30"}
     args = ("--store", store, "--shutdown-timeout", "0.5")
     config = SHUTDOWN_ROUTES
     with (
         run_gateway(upstream.url, tmp_path, *args, config=config) as process,
         ThreadPoolExecutor(1) as pool,
     ):
-        pending = pool.submit(
-            httpx.post, process.url + path,
-            headers={"Idempotency-Key": key, "x-delay": "30"}, timeout=30,
-        )  # fmt: skip
+        pending = pool.submit(httpx.post, process.url + path, headers=headers, timeout=30)
         poll_until(lambda: len(upstream.executions(path=path)) == 1, timeout=10)
         process.process.send_signal(signal.SIGTERM)
         assert process.process.wait(timeout=20) == 0
         cut = pending.result()
-    assert cut.status_code == 502
-    assert "may have executed" in cut.json()["detail"]
     with run_gateway(
         upstream.url, tmp_path, "--store", store, config=config, name="again"
     ) as again:
-        retry = httpx.post(again.url + path, headers={"Idempotency-Key": key, "x-delay": "30"})
-    assert retry.status_code == 502
-    assert retry.headers[REPLAYED] == "true"
-    assert len(upstream.executions(path=path)) == 1
+        retry = httpx.post(again.url + path, headers={**headers, "x-delay": "0"}, timeout=30)
+    if prefix == "/slow":
+        assert cut.status_code == 503
+        assert cut.json()["type"].endswith("shutting-down")
+        assert retry.status_code == 200
+        assert REPLAYED not in retry.headers
+        assert len(upstream.executions(path=path)) == 2
+    else:
+        assert cut.status_code == 502
+        assert "may have executed" in cut.json()["detail"]
+        assert retry.status_code == 502
+        assert retry.headers[REPLAYED] == "true"
+        assert len(upstream.executions(path=path)) == 1
 
 
 @pytest.mark.parametrize(("prefix", "executions"), [("/stream/keep", 1), ("/stream", 2)])
