@@ -750,6 +750,12 @@ class PostgresStore(Store):
             return None
         found = _COMMENT_RE.search(comment or "")
         if found is None:
+            # to_regclass reads the catalog as it is now, the comment as of the statement's
+            # snapshot: a table another process created (with its comment) at this very
+            # moment can look bare. A new statement has a new snapshot: look once more.
+            exists, comment = await conn.fetchrow(self._sql_version, self._t)
+            found = _COMMENT_RE.search(comment or "")
+        if found is None:
             raise StoreUnavailable(
                 f"postgresql ledger {self.where}: table {self.table!r} exists but is not a"
                 " retrysafe ledger (its comment names no schema version)"
