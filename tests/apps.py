@@ -15,7 +15,9 @@ answer 201 with a JSON body unique to this execution); ``POST /slow`` (log the e
 first execution of each key writes its worker's pid to ``<state>/slow-<key>.pid`` and hangs
 until killed, later ones answer at once); ``POST /slow-effect`` (the same, after committing an
 effect row together with ``current_claim().mark`` in one transaction of the ledger's own
-database: SQLite or PostgreSQL). Every response carries ``x-worker-pid``.
+database: SQLite or PostgreSQL); ``POST /stream-forever`` (log the execution, answer 200 with a
+first chunk through Starlette's ``StreamingResponse``, then never finish). Every response
+carries ``x-worker-pid``.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import json
 import os
 import sqlite3
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
+
+from starlette.responses import StreamingResponse
 
 from retrysafe import IdempotencyMiddleware, current_claim
 
@@ -110,6 +114,14 @@ def create_app() -> ASGIApp:
         path = scope["path"]
         nonce = uuid.uuid4().hex
         append_line(exec_log, f"{path} {key} {pid} {nonce}")
+        if path == "/stream-forever":  # Starlette's: anyio cancels it again at every await
+
+            async def forever() -> AsyncIterator[bytes]:
+                yield b"first-"
+                await asyncio.sleep(3600)  # until the server cancels it
+
+            await StreamingResponse(forever())(scope, receive, send)
+            return
         if path == "/slow-effect":
             await commit_effect(store, key)
         if path in ("/slow", "/slow-effect"):

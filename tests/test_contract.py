@@ -1845,3 +1845,31 @@ async def test_a_failing_scope_or_fingerprint_function_is_a_400_problem(
     assert middleware.engine.counts[Event.IDENTITY_FAILED] == 1
     assert "ValueError" in caplog.text
     assert "sk_live" not in caplog.text
+
+
+async def test_what_the_app_writes_into_the_scope_reaches_middleware_outside() -> None:
+    """Starlette's router writes its match (path_params, endpoint) into the scope it got:
+    middleware outside the layer still reads it for keyed requests (metrics by route), and
+    the layer's own marker is gone again."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route as StarletteRoute
+
+    async def charge(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok", status_code=201)
+
+    app = Starlette(routes=[StarletteRoute("/c/{cid}", charge, methods=["POST"])])
+    layer = IdempotencyMiddleware(app, store="memory://")
+    seen: list[tuple[object, bool]] = []
+
+    async def outer(scope: Scope, receive: Receive, send: Send) -> None:
+        await layer(scope, receive, send)
+        if scope["type"] == "http":
+            seen.append((scope.get("path_params"), "retrysafe.claimed" in scope))
+
+    transport = httpx.ASGITransport(app=outer)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.post("/c/7", headers=key())).status_code == 201
+    await layer.aclose()
+    assert seen == [({"cid": "7"}, False)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
 import threading
 import time
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from servers import Receive, Recorder, Scope, Send, poll_until, serve_in_thread
+from servers import Receive, Recorder, Scope, Send, poll_until, serve_in_thread, serve_subprocess
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -374,50 +375,38 @@ def test_a_stream_outliving_its_lease_after_the_client_left_is_not_run_again(
 
 
 def test_a_stream_cancelled_by_the_server_shutdown_is_not_run_again(tmp_path: Path) -> None:
-    """A stream still running when uvicorn's shutdown timeout cancels it had sent a final
-    status: the handler ran, so the key is kept as not replayable (410), never run again."""
-    runs: list[int] = []
-
-    async def endpoint(request: Request) -> StreamingResponse:
-        await request.body()
-        runs.append(1)
-
-        async def chunks() -> AsyncIterator[bytes]:
-            yield CHUNKS[0]
-            await asyncio.sleep(3600)  # until the server cancels it
-            yield CHUNKS[1]
-
-        return StreamingResponse(chunks(), media_type="application/octet-stream")
-
-    app = Starlette(routes=[Route("/stream", endpoint, methods=["POST"])])
-    store = SQLiteStore(str(tmp_path / "ledger.db"))
-    try:
-        with contextlib.ExitStack() as stack:
-            url = stack.enter_context(
-                serve_in_thread(
-                    IdempotencyMiddleware(app, store=store), timeout_graceful_shutdown=0.5
-                )
-            )
-            port = urlsplit(url).port
-            assert port is not None
-            sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30))
-            sock.sendall(
-                b"POST /stream HTTP/1.1\r\nHost: test\r\nIdempotency-Key: cancelled\r\n"
-                b"Content-Length: 2\r\n\r\n{}"
-            )
+    """A stream still running when uvicorn's shutdown timeout cancels it (the uvicorn command,
+    SIGTERM, lifespan on) had sent a final status: the handler ran, so the key is kept as not
+    replayable (410), never run again."""
+    env = {
+        "RS_STORE": f"sqlite:///{tmp_path / 'ledger.db'}",
+        "RS_EXEC_LOG": str(tmp_path / "executions.log"),
+        "RS_STATE_DIR": str(tmp_path),
+    }
+    request = (
+        b"POST /stream-forever HTTP/1.1\r\nHost: test\r\nIdempotency-Key: cancelled\r\n"
+        b"Content-Length: 2\r\n\r\n{}"
+    )
+    log = tmp_path / "server.log"
+    with serve_subprocess("apps:create_app", workers=1, env=env, log_path=log) as server:
+        port = urlsplit(server.base_url).port
+        assert port is not None
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(request)
             received = b""
-            while CHUNKS[0] not in received:
+            while b"first-" not in received:
                 data = sock.recv(65536)
                 assert data, "the server closed the connection before the first chunk"
                 received += data
-            # Leaving the block stops the server, which cancels the open stream after 0.5 s.
-        with serve_in_thread(IdempotencyMiddleware(app, store=store)) as url:
-            headers = {"Idempotency-Key": "cancelled"}
-            retry = httpx.post(url + "/stream", headers=headers, content=b"{}", timeout=10)
-    finally:
-        asyncio.run(store.aclose())
+            server.process.send_signal(signal.SIGTERM)  # cancelled after 2 s
+            server.process.wait(timeout=30)
+    with serve_subprocess("apps:create_app", workers=1, env=env, log_path=log) as server:
+        retry = httpx.post(
+            server.base_url + "/stream-forever",
+            headers={"Idempotency-Key": "cancelled"}, content=b"{}", timeout=10,
+        )  # fmt: skip
     assert_problem(retry, 410, "replay-unavailable")
-    assert runs == [1]
+    assert len((tmp_path / "executions.log").read_text().splitlines()) == 1
 
 
 def test_an_app_that_returns_after_its_whole_declared_body_is_replayed(tmp_path: Path) -> None:

@@ -514,3 +514,20 @@ async def test_a_url_with_several_hosts_opens_through_open_store(kind: str, tmp_
         await store.aclose()
         if kind == "postgres":
             await asyncio.to_thread(drop_postgres_table, url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///{tmp}/app@blue.db",
+        "postgresql://127.0.0.1/test?user=admin@myserver",
+        "postgresql://127.0.0.1/test?application_name=me@host",
+        "redis://:pa@ss@127.0.0.1:6379/0",
+    ],
+    ids=["sqlite-path", "pg-user-option", "pg-option-value", "redis-password-with-at"],
+)
+def test_an_at_sign_where_urls_allow_it_is_accepted(url: str, tmp_path: Path) -> None:
+    """An '@' in a file name, an option's value or a password (before the host's own '@')
+    is no sign of a password cut short: such URLs open."""
+    store = open_store(url.format(tmp=tmp_path))
+    assert store is not None

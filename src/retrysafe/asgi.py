@@ -102,11 +102,18 @@ class IdempotencyMiddleware:
             )
             await send({"type": "http.response.body", "body": answer.body})
         else:
-            inner = {
-                **_without_file_sends(scope),
-                CLAIMED: (*scope.get(CLAIMED, ()), engine.namespace),
-            }
-            await _Responder(self.app, answer, body)(inner, receive, send)
+            # The marker goes on the scope object itself (a copy only when file sends must be
+            # hidden): middleware outside reads what the app's router writes into it.
+            inner = _without_file_sends(scope)
+            outer = inner.get(CLAIMED)
+            inner[CLAIMED] = (*(outer or ()), engine.namespace)
+            try:
+                await _Responder(self.app, answer, body)(inner, receive, send)
+            finally:
+                if outer is None:
+                    inner.pop(CLAIMED, None)
+                else:
+                    inner[CLAIMED] = outer
 
     def _closing_send(self, send: Send) -> Send:
         """Close the ledger when the app reports its shutdown complete."""
@@ -228,8 +235,12 @@ class _Responder:
             elif isinstance(exc, asyncio.CancelledError):
                 # The server stopped the request (its shutdown timeout ran out, say): not the
                 # app's failure. After a final status the handler has run, so that status
-                # decides, as on a return; before any, the key is released.
-                await self.execution.finish(cut_short="the server cancelled the request")
+                # decides, as on a return; before any, the key is released. The write runs
+                # in a task of the engine's, which its close waits for: this task may be
+                # cancelled again (anyio cancels at every await) or the loop torn down.
+                await self.execution.engine.detach(
+                    self.execution.finish(cut_short="the server cancelled the request")
+                )
             elif self.gave_up is not None and _caused_by(exc, self.gave_up):
                 # This layer stopped the stream (frameworks may turn that into an error of
                 # their own): the status already sent decides, as on a return.

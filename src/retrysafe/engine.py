@@ -53,6 +53,8 @@ PURGE_INTERVAL = 60.0
 """Seconds between two sweeps of expired records by one engine."""
 PURGE_BATCH = 500
 UNRELEASED = "the key could not be released; it stays busy until its lease ends"
+CLOSE_GRACE = 5.0
+"""Seconds :meth:`Engine.aclose` waits for executions still running to end."""
 OFFLOAD_BODY = 256 << 10
 """Bodies larger than this are fingerprinted in a worker thread, off the event loop."""
 
@@ -439,11 +441,17 @@ class Engine:
                 self.spawn(execution.renew())
         self._tick = loop.call_later(self._tick_every, self._heartbeat)
 
-    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``coroutine`` in the background, keeping a reference until it is done."""
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    async def detach(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run ``coroutine`` (a ledger write) in a task of the engine's and wait for it; if
+        the caller is cancelled meanwhile, the write goes on and :meth:`aclose` waits for it."""
+        await asyncio.shield(self.spawn(coroutine))
 
     def _maybe_purge(self) -> None:
         now = time.monotonic()
@@ -460,7 +468,17 @@ class Engine:
             logger.warning("retrysafe: purging expired records failed: %s", exc)
 
     async def aclose(self) -> None:
-        """Wait for background work, then close the store."""
+        """Wait for running executions (a while) and background work, then close the store.
+
+        Servers cancel the requests still running at their shutdown timeout and then close
+        the app at once: the cancelled requests' last ledger writes are let through first.
+        """
+        deadline = time.monotonic() + CLOSE_GRACE
+        await asyncio.sleep(0)  # cancelled requests start their last writes
+        loop = asyncio.get_running_loop()
+        # Executions end in other tasks' code: polled, briefly, rather than signalled.
+        while time.monotonic() < deadline and any(e.loop is loop for e in self._running):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.store.aclose()
@@ -483,6 +501,7 @@ class Execution:
         "_status",
         "claim",
         "engine",
+        "loop",
         "policy",
         "renew_at",
         "renew_every",
@@ -508,7 +527,8 @@ class Execution:
         self.claim = None if policy is None else Claim(engine.store, rid, token, policy.ttl)
         """What the handler sees as :func:`current_claim` (None when running unprotected)."""
         self.renew_every = 0.0 if policy is None else policy.lease / 3
-        self.renew_at = asyncio.get_running_loop().time() + self.renew_every
+        self.loop = asyncio.get_running_loop()
+        self.renew_at = self.loop.time() + self.renew_every
         """When the engine's heartbeat renews the lease next (event loop time)."""
         if policy is not None:
             engine.watch(self)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from typing import TypedDict
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 from ..errors import ConfigError
 from .base import Store, StoreStats
@@ -46,12 +46,10 @@ def open_store(url: str) -> Store:
         parts = urlsplit(url)
     except ValueError:  # its text may quote a piece of a password: never shown
         raise ConfigError(f"{redact_url(url)}: not a valid store URL") from None
-    if "@" in url.partition("://")[2] and "@" not in parts.netloc:
-        # user:pa#ss@host: the '#' ended the host part early, and what follows (a piece of
-        # the password among it) would be read as a path, options or a fragment.
+    if _split_userinfo(parts):
         raise ConfigError(
-            f"{redact_url(url)}: an '@' outside the host part; percent-encode '@', '/', '?'"
-            " and '#' in passwords and option values (%40, %2F, %3F, %23)"
+            f"{redact_url(url)}: the password seems to hold a raw '/', '?' or '#', which end"
+            " the host part; percent-encode them (%2F, %3F, %23)"
         )
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     repeated = sorted(name for name, n in Counter(name for name, _ in pairs).items() if n > 1)
@@ -74,8 +72,8 @@ def open_store(url: str) -> Store:
             raise ConfigError(f"{redact_url(url)}: the sqlite URL names no file")
         if parts.fragment or url.endswith("#"):
             raise ConfigError(
-                f"{redact_url(url)}: a '#' in a sqlite URL starts a fragment, not part of the"
-                " file name: write it %23"
+                f"{redact_url(url)}: a '#' in a sqlite URL starts a fragment, so the file name"
+                " cannot hold one (pass SQLiteStore(path) for such a file)"
             )
         kwargs: _SQLiteOptions = {}
         if "busy_timeout" in options:
@@ -134,11 +132,8 @@ def redact_url(url: str) -> str:
         password = parts.password
     except ValueError:  # an unparsable port, say: hide everything after the scheme
         return repr(url.partition("://")[0] + "://***")
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest and "@" not in parts.netloc:
-        # A password with a raw '/', '?' or '#' ends the netloc early: urlsplit saw no
-        # credentials. Hide everything up to the last '@' (more than needed, never less).
-        return repr(f"{scheme}://***@{rest.rpartition('@')[2]}")
+    if _split_userinfo(parts):
+        return repr(f"{parts.scheme}://***")  # where the password ends is anyone's guess
     query = _SECRET_OPTIONS.sub(r"\1\2=***", parts.query)
     if password is None and parts.username and parts.scheme in REDIS_SCHEMES:
         # redis://secret@host: Redis clients read a lone userinfo as the password.
@@ -149,6 +144,17 @@ def redact_url(url: str) -> str:
     elif query == parts.query:
         return repr(url)
     return repr(parts._replace(query=query).geturl())
+
+
+def _split_userinfo(parts: SplitResult) -> bool:
+    """Whether a password with a raw '/', '?' or '#' ended the host part early, leaving a
+    piece of it (and the '@' after it) in the path, fragment or an option's name: such a URL
+    is never echoed, nor read. An '@' in an option's value (``?user=admin@server``) is fine;
+    sqlite URLs have no credentials."""
+    if parts.scheme not in REDIS_SCHEMES and parts.scheme not in POSTGRES_SCHEMES:
+        return False
+    names = (pair.partition("=")[0] for pair in parts.query.split("&"))
+    return "@" in parts.path or "@" in parts.fragment or any("@" in name for name in names)
 
 
 def parse_flag(url: str, name: str, text: str) -> bool:
