@@ -466,11 +466,13 @@ def test_headers_are_taken_as_the_bytes_typed(
         "rediss+cluster://:hun?ter2@127.0.0.1:7001",
         "postgresql://u:p#w@127.0.0.1/test?sslpassword=hunter2",
         "redis://127.0.0.1:6379/0?client_name=a@b&password=hunter2",
+        "redis://:Xk?9=hunter2@127.0.0.1:6379/0",
+        "postgresql://u:s3c?r=hunter2@127.0.0.1:5432/test",
     ],
     ids=[
         "sqlite-netloc", "bad-ipv6", "port-out-of-range", "raw-hash-in-password",
         "raw-slash-in-password", "raw-question-mark-in-password", "split-and-option-password",
-        "option-password-after-an-at",
+        "option-password-after-an-at", "password-with-a-query", "pg-password-with-a-query",
     ],
 )  # fmt: skip
 def test_a_bad_store_url_is_one_line_without_its_password(

@@ -1873,3 +1873,30 @@ async def test_what_the_app_writes_into_the_scope_reaches_middleware_outside() -
         assert (await client.post("/c/7", headers=key())).status_code == 201
     await layer.aclose()
     assert seen == [({"cid": "7"}, False)]
+
+
+async def test_file_sends_are_hidden_from_the_app_only_while_it_runs() -> None:
+    """A server offering http.response.pathsend: the app under a key does not see it (its
+    file must pass through the layer to be recorded), and the server's own extensions are
+    left untouched."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route as StarletteRoute
+
+    offered: list[bool] = []
+
+    async def charge(request: Request) -> PlainTextResponse:
+        offered.append("http.response.pathsend" in request.scope.get("extensions", {}))
+        return PlainTextResponse("ok", status_code=201)
+
+    app = Starlette(routes=[StarletteRoute("/c/{cid}", charge, methods=["POST"])])
+    layer = IdempotencyMiddleware(app, store="memory://")
+    extensions: dict[str, Any] = {"http.response.pathsend": {}, "other": {}}
+    status, _, _ = await call_raw(
+        layer, "POST", "/c/9", [(b"idempotency-key", b"k")], extensions=extensions
+    )
+    await layer.aclose()
+    assert status == 201
+    assert offered == [False]
+    assert extensions == {"http.response.pathsend": {}, "other": {}}

@@ -718,3 +718,60 @@ def test_http_requests_get_503_while_the_ledger_is_unreachable_then_succeed(
     # Every 201 is one execution and every execution answered 201: no 503 ran the handler.
     assert sorted(executed) == sorted(key for key, status, _, _ in answers if status == 201)
     assert [status for _, status, _, _ in answers[-5:]] == [201] * 5
+
+
+async def test_a_completion_cancelled_mid_write_is_made_again(pg_url: str) -> None:
+    """A server shutdown cancelling a request while its outcome is being written (the ledger
+    slow, here locked) loses nothing: the write is made again, the retry replays, the
+    handler ran once."""
+    table = table_of(pg_url)
+    runs: list[int] = []
+    go = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        runs.append(1)
+        await receive()
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await go.wait()
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def post(middleware: IdempotencyMiddleware) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+        delivered = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": b"{}"}
+            await asyncio.sleep(3600)  # the client stays
+            raise AssertionError
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        headers = [(b"idempotency-key", b"cancelled-write")]
+        scope = {"type": "http", "method": "POST", "path": "/charge", "query_string": b"",
+                 "root_path": "", "headers": headers}  # fmt: skip
+        await middleware(scope, receive, send)
+        return sent
+
+    first = IdempotencyMiddleware(app, store=pg_url, lease=1)
+    task = asyncio.ensure_future(post(first))
+    await asyncio.sleep(0.3)  # claimed, 201 sent
+    async with admin() as locker, locker.transaction():
+        await locker.execute(f'LOCK TABLE "{table}" IN ACCESS EXCLUSIVE MODE')
+        go.set()  # the last body: the completion now waits for the lock
+        await asyncio.sleep(0.3)
+        task.cancel()  # the server's shutdown timeout
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await first.aclose()  # the lifespan shutdown: waits for the write made again
+    await asyncio.sleep(1.2)  # the lease has run out too
+    go.set()
+    second = IdempotencyMiddleware(app, store=pg_url, lease=1)
+    replay = await post(second)
+    await second.aclose()
+    assert replay[0]["status"] == 201
+    assert (b"idempotent-replayed", b"true") in replay[0]["headers"]
+    assert runs == [1]

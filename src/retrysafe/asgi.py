@@ -102,18 +102,25 @@ class IdempotencyMiddleware:
             )
             await send({"type": "http.response.body", "body": answer.body})
         else:
-            # The marker goes on the scope object itself (a copy only when file sends must be
-            # hidden): middleware outside reads what the app's router writes into it.
-            inner = _without_file_sends(scope)
-            outer = inner.get(CLAIMED)
-            inner[CLAIMED] = (*(outer or ()), engine.namespace)
+            # The scope object itself is passed on, changed for the app's time only: middleware
+            # outside reads what the app's router writes into it (route, path_params).
+            extensions = scope.get("extensions")
+            if extensions and any(name in extensions for name in _FILE_SENDS):
+                # A file sent by reference would never pass through us to be recorded.
+                scope["extensions"] = {
+                    name: value for name, value in extensions.items() if name not in _FILE_SENDS
+                }
+            outer = scope.get(CLAIMED)
+            scope[CLAIMED] = (*(outer or ()), engine.namespace)
             try:
-                await _Responder(self.app, answer, body)(inner, receive, send)
+                await _Responder(self.app, answer, body)(scope, receive, send)
             finally:
+                if extensions is not None:
+                    scope["extensions"] = extensions
                 if outer is None:
-                    inner.pop(CLAIMED, None)
+                    scope.pop(CLAIMED, None)
                 else:
-                    inner[CLAIMED] = outer
+                    scope[CLAIMED] = outer
 
     def _closing_send(self, send: Send) -> Send:
         """Close the ledger when the app reports its shutdown complete."""
@@ -156,15 +163,6 @@ def _route_path(scope: Scope) -> str:
     if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
         return path[len(root) :] or "/"
     return path
-
-
-def _without_file_sends(scope: Scope) -> Scope:
-    """Hide the extensions that send a file by reference: the body must pass through us."""
-    extensions = scope.get("extensions")
-    if not extensions or not any(name in extensions for name in _FILE_SENDS):
-        return scope
-    kept = {name: value for name, value in extensions.items() if name not in _FILE_SENDS}
-    return {**scope, "extensions": kept}
 
 
 def _has_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bool:

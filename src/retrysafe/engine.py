@@ -475,9 +475,12 @@ class Engine:
         """
         deadline = time.monotonic() + CLOSE_GRACE
         await asyncio.sleep(0)  # cancelled requests start their last writes
-        loop = asyncio.get_running_loop()
-        # Executions end in other tasks' code: polled, briefly, rather than signalled.
-        while time.monotonic() < deadline and any(e.loop is loop for e in self._running):  # noqa: ASYNC110
+        loop, me = asyncio.get_running_loop(), asyncio.current_task()
+        # Executions end in other tasks' code: polled, briefly, rather than signalled. Never
+        # the caller's own (an app closing the layer from a request).
+        while time.monotonic() < deadline and any(  # noqa: ASYNC110
+            e.loop is loop and e.task is not me for e in self._running
+        ):
             await asyncio.sleep(0.01)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
@@ -507,6 +510,7 @@ class Execution:
         "renew_every",
         "request",
         "rid",
+        "task",
         "token",
     )
 
@@ -528,6 +532,7 @@ class Execution:
         """What the handler sees as :func:`current_claim` (None when running unprotected)."""
         self.renew_every = 0.0 if policy is None else policy.lease / 3
         self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
         self.renew_at = self.loop.time() + self.renew_every
         """When the engine's heartbeat renews the lease next (event loop time)."""
         if policy is not None:
@@ -640,6 +645,13 @@ class Execution:
         self._stop()
         try:
             held = await engine.store.complete(rid, self.token, state, data, self.policy.ttl)
+        except asyncio.CancelledError:
+            # Cancelled mid-write (a server's shutdown): the write may not have happened. It
+            # is fenced by token, so it is simply made again, in a task aclose() waits for.
+            engine.spawn(
+                self._again(engine.store.complete(rid, self.token, state, data, self.policy.ttl))
+            )
+            raise
         except (StoreError, CorruptRecord) as exc:
             self._lost(
                 f"the outcome was not recorded; the key stays busy until its lease ends: {exc}"
@@ -678,6 +690,21 @@ class Execution:
         the key for a retry."""
         if not self._stop():
             return
+        try:
+            await self._give_back(reason)
+        except asyncio.CancelledError:
+            self.engine.spawn(self._again(self._give_back(reason)))  # as in finish()
+            raise
+
+    @staticmethod
+    async def _again(write: Coroutine[Any, Any, object]) -> None:
+        """A fenced ledger write made again after a cancellation; its failure is the lease's
+        to bound, as for any write that fails."""
+        with contextlib.suppress(StoreError, CorruptRecord):
+            await write
+
+    async def _give_back(self, reason: str) -> None:
+        """Release the key; or, if the handler marked its effect committed, keep it."""
         try:
             released = await self.engine.store.release(self.rid, self.token)
             if not released and self.claim is not None and self.claim.marked:

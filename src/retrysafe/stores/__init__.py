@@ -132,8 +132,11 @@ def redact_url(url: str) -> str:
         password = parts.password
     except ValueError:  # an unparsable port, say: hide everything after the scheme
         return repr(url.partition("://")[0] + "://***")
-    if _split_userinfo(parts):
-        return repr(f"{parts.scheme}://***")  # where the password ends is anyone's guess
+    scheme, _, rest = url.partition("://")
+    if scheme != "sqlite" and "@" in rest and "@" not in parts.netloc:
+        # Maybe a password whose raw '/', '?' or '#' ended the host part early (or only an
+        # '@' in an option): where a password would end is anyone's guess, so hide it all.
+        return repr(f"{scheme}://***")
     query = _SECRET_OPTIONS.sub(r"\1\2=***", parts.query)
     if password is None and parts.username and parts.scheme in REDIS_SCHEMES:
         # redis://secret@host: Redis clients read a lone userinfo as the password.
@@ -153,8 +156,15 @@ def _split_userinfo(parts: SplitResult) -> bool:
     sqlite URLs have no credentials."""
     if parts.scheme not in REDIS_SCHEMES and parts.scheme not in POSTGRES_SCHEMES:
         return False
+    if "@" in parts.netloc or "@" not in parts.geturl():
+        return False
     names = (pair.partition("=")[0] for pair in parts.query.split("&"))
-    return "@" in parts.path or "@" in parts.fragment or any("@" in name for name in names)
+    if "@" in parts.path or "@" in parts.fragment or any("@" in name for name in names):
+        return True
+    # Only an option's value holds the '@': fine (?user=admin@server), unless what is left of
+    # the host part ends in a colon and no port, the mark of "user:pass" cut short.
+    last = parts.netloc.rsplit(",", 1)[-1].rpartition("]")[2]
+    return ":" in last and not last.rpartition(":")[2].isdigit()
 
 
 def parse_flag(url: str, name: str, text: str) -> bool:
