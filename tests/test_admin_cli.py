@@ -468,11 +468,15 @@ def test_headers_are_taken_as_the_bytes_typed(
         "redis://127.0.0.1:6379/0?client_name=a@b&password=hunter2",
         "redis://:Xk?9=hunter2@127.0.0.1:6379/0",
         "postgresql://u:s3c?r=hunter2@127.0.0.1:5432/test",
+        "postgresql://alice:hun@ter2/x@127.0.0.1:5432/test",
+        "redis://:hun@ter2?x@127.0.0.1:6379/0",
+        "redis://hun?ter2=x@127.0.0.1:6379/0",
     ],
     ids=[
         "sqlite-netloc", "bad-ipv6", "port-out-of-range", "raw-hash-in-password",
         "raw-slash-in-password", "raw-question-mark-in-password", "split-and-option-password",
         "option-password-after-an-at", "password-with-a-query", "pg-password-with-a-query",
+        "at-then-slash-in-password", "at-then-query-in-password", "password-only-with-a-query",
     ],
 )  # fmt: skip
 def test_a_bad_store_url_is_one_line_without_its_password(

@@ -399,3 +399,81 @@ def test_no_claim_without_a_key(tmp_path: Path) -> None:
         asyncio.run(store.aclose())
     assert seen[0] is None
     assert isinstance(seen[1], Claim)
+
+
+class CancelledAfterWrite(Store):
+    """A ledger (delegating to ``inner``) on which the next ``complete`` lands and then its
+    caller is cancelled, as a server's shutdown can do between a commit and its answer."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.dbapi_paramstyle = inner.dbapi_paramstyle
+        self.cancel_next = False
+
+    def mark_statement(self, paramstyle: str) -> str:
+        return self.inner.mark_statement(paramstyle)
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.inner.claim(*args, **kwargs)
+
+    async def renew(self, rid: bytes, token: int, lease: float) -> bool:
+        return await self.inner.renew(rid, token, lease)
+
+    async def complete(self, *args: Any) -> bool:
+        held = await self.inner.complete(*args)
+        if self.cancel_next:
+            self.cancel_next = False
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            await asyncio.sleep(0)  # the cancellation lands here, after the write
+        return held
+
+    async def release(self, rid: bytes, token: int) -> bool:
+        return await self.inner.release(rid, token)
+
+    async def get(self, rid: bytes) -> Any:
+        return await self.inner.get(rid)
+
+    async def delete(self, rid: bytes) -> bool:
+        return await self.inner.delete(rid)
+
+    async def purge_expired(self, limit: int = 1000) -> int:
+        return await self.inner.purge_expired(limit)
+
+    async def scan(self, cursor: str | None = None, limit: int = 100) -> Any:
+        return await self.inner.scan(cursor, limit)
+
+    async def stats(self) -> Any:
+        return await self.inner.stats()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_an_abort_cancelled_after_keeping_a_marked_effect_keeps_it(tmp_path: Path) -> None:
+    """A handler that committed its effect with the mark, then failed: if the cancellation
+    of a shutdown lands just after the record was kept as not replayable, the write made
+    again never releases it, and the retry gets 410 instead of a second run."""
+    from retrysafe import Engine, Execution, Problem, ProblemType, RequestView
+
+    path = tmp_path / "ledger.db"
+    store = CancelledAfterWrite(SQLiteStore(str(path)))
+    engine = Engine(store)
+    request = RequestView("POST", "/charge", b"", [], b"{}")
+    execution = await engine.begin(request, "k", engine.policy)
+    assert isinstance(execution, Execution)
+    assert execution.claim is not None
+    conn = sqlite3.connect(path)
+    with conn:
+        execution.claim.mark(conn)
+    conn.close()
+    store.cancel_next = True
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.ensure_future(execution.abort("the handler raised an exception"))
+    await engine.aclose()  # waits for the write made again
+    engine = Engine(SQLiteStore(str(path)))
+    retry = await engine.begin(request, "k", engine.policy)
+    await engine.aclose()
+    assert isinstance(retry, Problem)
+    assert retry.type is ProblemType.REPLAY_UNAVAILABLE

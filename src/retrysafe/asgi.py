@@ -105,9 +105,10 @@ class IdempotencyMiddleware:
             # The scope object itself is passed on, changed for the app's time only: middleware
             # outside reads what the app's router writes into it (route, path_params).
             extensions = scope.get("extensions")
+            hidden = None
             if extensions and any(name in extensions for name in _FILE_SENDS):
                 # A file sent by reference would never pass through us to be recorded.
-                scope["extensions"] = {
+                hidden = scope["extensions"] = {
                     name: value for name, value in extensions.items() if name not in _FILE_SENDS
                 }
             outer = scope.get(CLAIMED)
@@ -115,7 +116,7 @@ class IdempotencyMiddleware:
             try:
                 await _Responder(self.app, answer, body)(scope, receive, send)
             finally:
-                if extensions is not None:
+                if hidden is not None and scope.get("extensions") is hidden:
                     scope["extensions"] = extensions
                 if outer is None:
                     scope.pop(CLAIMED, None)

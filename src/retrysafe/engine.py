@@ -500,6 +500,7 @@ class Execution:
         "_declared",
         "_done",
         "_headers",
+        "_refused",
         "_size",
         "_status",
         "claim",
@@ -527,6 +528,7 @@ class Execution:
         self._body: list[bytes] | None = []
         self._size = 0
         self._declared: int | None = None
+        self._refused = False
         self._done = policy is None
         self.claim = None if policy is None else Claim(engine.store, rid, token, policy.ttl)
         """What the handler sees as :func:`current_claim` (None when running unprotected)."""
@@ -704,9 +706,16 @@ class Execution:
             await write
 
     async def _give_back(self, reason: str) -> None:
-        """Release the key; or, if the handler marked its effect committed, keep it."""
+        """Release the key; or, if the handler marked its effect committed, keep it.
+
+        Made again after a cancellation, it resumes where it stopped: once the release was
+        refused (a mark), releasing again could delete the not-replayable record it kept.
+        """
         try:
-            released = await self.engine.store.release(self.rid, self.token)
+            released = False
+            if not self._refused:
+                released = await self.engine.store.release(self.rid, self.token)
+                self._refused = not released
             if not released and self.claim is not None and self.claim.marked:
                 # Its effect was committed with the mark: never run it again (a mark whose
                 # transaction rolled back leaves the record releasable, as released above).

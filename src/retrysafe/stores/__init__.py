@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from typing import TypedDict
 from urllib.parse import SplitResult, parse_qsl, urlsplit
 
@@ -102,7 +103,7 @@ def open_store(url: str) -> Store:
             raise ConfigError(
                 f"{redact_url(url)}: the Redis ledger cannot be loaded ({exc})"
             ) from None
-        return RedisStore.from_url(url)
+        return _quietly(url, parts, RedisStore.from_url)
     if parts.scheme in POSTGRES_SCHEMES:
         try:
             from .postgres import PostgresStore
@@ -111,7 +112,7 @@ def open_store(url: str) -> Store:
                 f"{redact_url(url)}: the PostgreSQL ledger needs asyncpg:"
                 f" pip install 'retrysafe[postgres]' ({exc})"
             ) from None
-        return PostgresStore.from_url(url)
+        return _quietly(url, parts, PostgresStore.from_url)
     raise ConfigError(
         f"unknown store URL {redact_url(url)}: use memory://, sqlite:///file.db, redis://host:port,"
         " redis+cluster://host:port or postgresql://host/db"
@@ -133,7 +134,7 @@ def redact_url(url: str) -> str:
     except ValueError:  # an unparsable port, say: hide everything after the scheme
         return repr(url.partition("://")[0] + "://***")
     scheme, _, rest = url.partition("://")
-    if scheme != "sqlite" and "@" in rest and "@" not in parts.netloc:
+    if _split_userinfo(parts) or (scheme != "sqlite" and "@" in rest and "@" not in parts.netloc):
         # Maybe a password whose raw '/', '?' or '#' ended the host part early (or only an
         # '@' in an option): where a password would end is anyone's guess, so hide it all.
         return repr(f"{scheme}://***")
@@ -149,6 +150,20 @@ def redact_url(url: str) -> str:
     return repr(parts._replace(query=query).geturl())
 
 
+def _quietly(url: str, parts: SplitResult, parse: Callable[[str], Store]) -> Store:
+    """``parse(url)``; if it refuses a URL whose only '@' after the host part is in an option
+    value, say so without its words: they may be pieces of a password cut short."""
+    try:
+        return parse(url)
+    except ConfigError:
+        if "@" in parts.netloc or "@" not in parts.query:
+            raise
+        raise ConfigError(
+            f"{redact_url(url)}: not a valid store URL (if its password holds a raw '/', '?'"
+            " or '#', percent-encode them: %2F, %3F, %23)"
+        ) from None
+
+
 def _split_userinfo(parts: SplitResult) -> bool:
     """Whether a password with a raw '/', '?' or '#' ended the host part early, leaving a
     piece of it (and the '@' after it) in the path, fragment or an option's name: such a URL
@@ -156,11 +171,11 @@ def _split_userinfo(parts: SplitResult) -> bool:
     sqlite URLs have no credentials."""
     if parts.scheme not in REDIS_SCHEMES and parts.scheme not in POSTGRES_SCHEMES:
         return False
-    if "@" in parts.netloc or "@" not in parts.geturl():
-        return False
     names = (pair.partition("=")[0] for pair in parts.query.split("&"))
     if "@" in parts.path or "@" in parts.fragment or any("@" in name for name in names):
-        return True
+        return True  # whatever the host part holds ("a@b/c@host": a password "b/c")
+    if "@" in parts.netloc or "@" not in parts.query:
+        return False
     # Only an option's value holds the '@': fine (?user=admin@server), unless what is left of
     # the host part ends in a colon and no port, the mark of "user:pass" cut short.
     last = parts.netloc.rsplit(",", 1)[-1].rpartition("]")[2]
