@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import drop_postgres_table, fresh_url
 
-from retrysafe import Store, open_store
+from retrysafe import ConfigError, Store, open_store
 from retrysafe.records import State
 
 pytestmark = pytest.mark.anyio
@@ -520,14 +520,27 @@ async def test_a_url_with_several_hosts_opens_through_open_store(kind: str, tmp_
     "url",
     [
         "sqlite:///{tmp}/app@blue.db",
-        "postgresql://127.0.0.1/test?user=admin@myserver",
-        "postgresql://127.0.0.1/test?application_name=me@host",
-        "redis://:pa@ss@127.0.0.1:6379/0",
+        "postgresql://127.0.0.1/test?user=admin%40myserver",
+        "postgresql://admin@myserver:pw@127.0.0.1/test",
+        "redis://:pa@ss@127.0.0.1:6379/0?prefix=a%40b",
     ],
-    ids=["sqlite-path", "pg-user-option", "pg-option-value", "redis-password-with-at"],
+    ids=["sqlite-path", "pg-user-option-encoded", "pg-user-with-at", "redis-password-with-at"],
 )
 def test_an_at_sign_where_urls_allow_it_is_accepted(url: str, tmp_path: Path) -> None:
-    """An '@' in a file name, an option's value or a password (before the host's own '@')
-    is no sign of a password cut short: such URLs open."""
+    """An '@' in a file name, in the host part's user or password, or percent-encoded in an
+    option's value is no sign of a password cut short: such URLs open."""
     store = open_store(url.format(tmp=tmp_path))
     assert store is not None
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://127.0.0.1/test?user=admin@myserver", "redis://127.0.0.1:6379/0?prefix=a@b"],
+)
+def test_a_raw_at_sign_after_the_host_part_is_refused_with_the_fix(url: str) -> None:
+    """A raw '@' in an option value cannot be told from a password cut short by a raw '?':
+    refused, saying how to write it, and the URL is not echoed."""
+    with pytest.raises(ConfigError, match="%40") as refused:
+        open_store(url)
+    assert "myserver" not in str(refused.value)
+    assert "a@b" not in str(refused.value)

@@ -104,9 +104,9 @@ class IdempotencyMiddleware:
         else:
             # The scope object itself is passed on, changed for the app's time only: middleware
             # outside reads what the app's router writes into it (route, path_params).
-            extensions = scope.get("extensions")
-            hidden = None
-            if extensions and any(name in extensions for name in _FILE_SENDS):
+            extensions: dict[str, Any] = scope.get("extensions") or {}
+            hidden: dict[str, Any] | None = None
+            if any(name in extensions for name in _FILE_SENDS):
                 # A file sent by reference would never pass through us to be recorded.
                 hidden = scope["extensions"] = {
                     name: value for name, value in extensions.items() if name not in _FILE_SENDS
@@ -116,8 +116,12 @@ class IdempotencyMiddleware:
             try:
                 await _Responder(self.app, answer, body)(scope, receive, send)
             finally:
-                if hidden is not None and scope.get("extensions") is hidden:
-                    scope["extensions"] = extensions
+                current: dict[str, Any] | None = scope.get("extensions")
+                if hidden is not None and current is hidden:
+                    # The file sends back, and whatever the app put in meanwhile.
+                    back = dict(current)
+                    back.update((n, v) for n, v in extensions.items() if n in _FILE_SENDS)
+                    scope["extensions"] = back
                 if outer is None:
                     scope.pop(CLAIMED, None)
                 else:

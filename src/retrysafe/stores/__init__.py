@@ -12,11 +12,9 @@ extra ``retrysafe[postgres]``.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
-from collections.abc import Callable
 from typing import TypedDict
-from urllib.parse import SplitResult, parse_qsl, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
 
 from ..errors import ConfigError
 from .base import Store, StoreStats
@@ -47,10 +45,11 @@ def open_store(url: str) -> Store:
         parts = urlsplit(url)
     except ValueError:  # its text may quote a piece of a password: never shown
         raise ConfigError(f"{redact_url(url)}: not a valid store URL") from None
-    if _split_userinfo(parts):
+    if _late_at(url, parts):
         raise ConfigError(
-            f"{redact_url(url)}: the password seems to hold a raw '/', '?' or '#', which end"
-            " the host part; percent-encode them (%2F, %3F, %23)"
+            f"{redact_url(url)}: a raw '@' after the host part; percent-encode '@' in option"
+            " values (%40, as in ?user=admin%40server), and '/', '?', '#' in passwords (%2F,"
+            " %3F, %23)"
         )
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     repeated = sorted(name for name, n in Counter(name for name, _ in pairs).items() if n > 1)
@@ -103,7 +102,7 @@ def open_store(url: str) -> Store:
             raise ConfigError(
                 f"{redact_url(url)}: the Redis ledger cannot be loaded ({exc})"
             ) from None
-        return _quietly(url, parts, RedisStore.from_url)
+        return RedisStore.from_url(url)
     if parts.scheme in POSTGRES_SCHEMES:
         try:
             from .postgres import PostgresStore
@@ -112,7 +111,7 @@ def open_store(url: str) -> Store:
                 f"{redact_url(url)}: the PostgreSQL ledger needs asyncpg:"
                 f" pip install 'retrysafe[postgres]' ({exc})"
             ) from None
-        return _quietly(url, parts, PostgresStore.from_url)
+        return PostgresStore.from_url(url)
     raise ConfigError(
         f"unknown store URL {redact_url(url)}: use memory://, sqlite:///file.db, redis://host:port,"
         " redis+cluster://host:port or postgresql://host/db"
@@ -123,7 +122,8 @@ REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+cluster", "rediss+cluster"}
 POSTGRES_SCHEMES = frozenset({"postgresql", "postgres"})
 
 
-_SECRET_OPTIONS = re.compile(r"(?i)(^|&)((?:ssl)?password)=[^&]*")
+_SECRET_NAMES = frozenset({"password", "sslpassword"})
+"""Options whose value is a secret (compared decoded and in lower case)."""
 
 
 def redact_url(url: str) -> str:
@@ -133,12 +133,16 @@ def redact_url(url: str) -> str:
         password = parts.password
     except ValueError:  # an unparsable port, say: hide everything after the scheme
         return repr(url.partition("://")[0] + "://***")
-    scheme, _, rest = url.partition("://")
-    if _split_userinfo(parts) or (scheme != "sqlite" and "@" in rest and "@" not in parts.netloc):
-        # Maybe a password whose raw '/', '?' or '#' ended the host part early (or only an
-        # '@' in an option): where a password would end is anyone's guess, so hide it all.
-        return repr(f"{scheme}://***")
-    query = _SECRET_OPTIONS.sub(r"\1\2=***", parts.query)
+    if _late_at(url, parts):
+        # Maybe a password whose raw '/', '?' or '#' ended the host part early: where it
+        # would end is anyone's guess, so hide everything.
+        return repr(f"{parts.scheme}://***")
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = parts.query
+    if any(name.lower() in _SECRET_NAMES for name, _ in pairs):
+        query = urlencode(
+            [(n, "***" if n.lower() in _SECRET_NAMES else v) for n, v in pairs], safe="*/:,"
+        )
     if password is None and parts.username and parts.scheme in REDIS_SCHEMES:
         # redis://secret@host: Redis clients read a lone userinfo as the password.
         parts = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2])
@@ -150,36 +154,17 @@ def redact_url(url: str) -> str:
     return repr(parts._replace(query=query).geturl())
 
 
-def _quietly(url: str, parts: SplitResult, parse: Callable[[str], Store]) -> Store:
-    """``parse(url)``; if it refuses a URL whose only '@' after the host part is in an option
-    value, say so without its words: they may be pieces of a password cut short."""
-    try:
-        return parse(url)
-    except ConfigError:
-        if "@" in parts.netloc or "@" not in parts.query:
-            raise
-        raise ConfigError(
-            f"{redact_url(url)}: not a valid store URL (if its password holds a raw '/', '?'"
-            " or '#', percent-encode them: %2F, %3F, %23)"
-        ) from None
+def _late_at(url: str, parts: SplitResult) -> bool:
+    """Whether a Redis or PostgreSQL URL holds a raw '@' after its host part.
 
-
-def _split_userinfo(parts: SplitResult) -> bool:
-    """Whether a password with a raw '/', '?' or '#' ended the host part early, leaving a
-    piece of it (and the '@' after it) in the path, fragment or an option's name: such a URL
-    is never echoed, nor read. An '@' in an option's value (``?user=admin@server``) is fine;
-    sqlite URLs have no credentials."""
+    A password with a raw '/', '?' or '#' ends the host part early and leaves the '@' that
+    closed it behind, in the path, the options or the fragment. Nothing tells that apart from
+    an '@' in an option's value, so a raw '@' is only allowed in the host part: such a URL is
+    refused (an option value writes it %40) and never echoed.
+    """
     if parts.scheme not in REDIS_SCHEMES and parts.scheme not in POSTGRES_SCHEMES:
-        return False
-    names = (pair.partition("=")[0] for pair in parts.query.split("&"))
-    if "@" in parts.path or "@" in parts.fragment or any("@" in name for name in names):
-        return True  # whatever the host part holds ("a@b/c@host": a password "b/c")
-    if "@" in parts.netloc or "@" not in parts.query:
-        return False
-    # Only an option's value holds the '@': fine (?user=admin@server), unless what is left of
-    # the host part ends in a colon and no port, the mark of "user:pass" cut short.
-    last = parts.netloc.rsplit(",", 1)[-1].rpartition("]")[2]
-    return ":" in last and not last.rpartition(":")[2].isdigit()
+        return False  # sqlite and memory URLs carry no credentials
+    return "@" in url.partition("://")[2][len(parts.netloc) :]
 
 
 def parse_flag(url: str, name: str, text: str) -> bool:

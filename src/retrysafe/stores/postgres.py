@@ -1008,14 +1008,9 @@ class PostgresStore(Store):
             pool.abandon()
 
 
-_SECRET_OPTIONS = re.compile(r"(^|&)((?:ssl)?password)=[^&]*")
-
-
 def _redact(url: str) -> str:
     """``url`` for messages: no password, neither in the host part nor in the options."""
-    parts = urlsplit(url)
-    query = _SECRET_OPTIONS.sub(r"\1\2=***", parts.query)
-    return redact_url(parts._replace(query=query).geturl())
+    return redact_url(url)
 
 
 def _secrets(url: str) -> list[str]:
@@ -1023,7 +1018,9 @@ def _secrets(url: str) -> list[str]:
     parts = urlsplit(url)
     found = [parts.password or ""]
     found += [
-        value for name, value in parse_qsl(parts.query) if name in {"password", "sslpassword"}
+        value
+        for name, value in parse_qsl(parts.query)
+        if name.lower() in {"password", "sslpassword"}
     ]
     found += [unquote(secret) for secret in found]
     return sorted({secret for secret in found if secret}, key=len, reverse=True)

@@ -619,9 +619,8 @@ class RedisStore(Store):
             if password is None and username is not None:
                 # redis-cli reads redis://secret@host as a password, redis-py as a user name:
                 # refuse the ambiguity, and show none of it.
-                masked = parts._replace(netloc=f"***@{hostlist}").geturl()
                 raise ConfigError(
-                    f"{masked!r}: write redis://:password@host for a password alone,"
+                    f"{shown}: write redis://:password@host for a password alone,"
                     " or redis://user:password@host"
                 )
         nodes: list[Address] = []
