@@ -33,6 +33,8 @@ from retrysafe import (
     Engine,
     Event,
     IdempotencyMiddleware,
+    Problem,
+    Replay,
     RequestView,
     Route,
 )
@@ -1900,3 +1902,23 @@ async def test_file_sends_are_hidden_from_the_app_only_while_it_runs() -> None:
     assert status == 201
     assert offered == [False]
     assert extensions == {"http.response.pathsend": {}, "other": {}}
+
+
+async def test_an_abort_after_a_takeover_reports_the_lost_lease_not_a_release() -> None:
+    """A handler that failed after its lease ran out and a retry took the key over releases
+    nothing (the new holder's claim stands) and says so: lease-lost, not released."""
+    events: list[Decision] = []
+    engine = Engine("memory://", lease=0.2, hooks=[events.append])
+    request = RequestView("POST", "/o", b"", [], b"{}")
+    first = await engine.begin(request, "k", engine.policy)
+    assert not isinstance(first, Problem | Replay)
+    engine.unwatch(first)  # its heartbeat stops, as when its process stalls
+    await asyncio.sleep(0.4)
+    second = await engine.begin(request, "k", engine.policy)
+    assert not isinstance(second, Problem | Replay)
+    await first.abort("the handler raised an exception")
+    assert events[-1].event is Event.LEASE_LOST
+    duplicate = await engine.begin(request, "k", engine.policy)
+    assert isinstance(duplicate, Problem)  # the second holder's claim still stands
+    await second.abort()
+    await engine.aclose()

@@ -455,11 +455,12 @@ async def test_an_abort_cancelled_after_keeping_a_marked_effect_keeps_it(tmp_pat
     """A handler that committed its effect with the mark, then failed: if the cancellation
     of a shutdown lands just after the record was kept as not replayable, the write made
     again never releases it, and the retry gets 410 instead of a second run."""
-    from retrysafe import Engine, Execution, Problem, ProblemType, RequestView
+    from retrysafe import Decision, Engine, Event, Execution, Problem, ProblemType, RequestView
 
     path = tmp_path / "ledger.db"
     store = CancelledAfterWrite(SQLiteStore(str(path)))
-    engine = Engine(store)
+    events: list[Decision] = []
+    engine = Engine(store, hooks=[events.append])
     request = RequestView("POST", "/charge", b"", [], b"{}")
     execution = await engine.begin(request, "k", engine.policy)
     assert isinstance(execution, Execution)
@@ -477,3 +478,4 @@ async def test_an_abort_cancelled_after_keeping_a_marked_effect_keeps_it(tmp_pat
     await engine.aclose()
     assert isinstance(retry, Problem)
     assert retry.type is ProblemType.REPLAY_UNAVAILABLE
+    assert [d.event for d in events][-1] is Event.NOT_REPLAYABLE  # what really happened

@@ -722,7 +722,7 @@ class Execution:
                 assert self.policy is not None
                 kept = await self.engine.store.complete(
                     self.rid, self.token, State.NOT_REPLAYABLE, None, self.policy.ttl
-                )
+                ) or await self._holds(State.NOT_REPLAYABLE)  # kept by a cancelled attempt
                 if kept:
                     event, detail = (
                         Event.NOT_REPLAYABLE,
@@ -732,7 +732,23 @@ class Execution:
                     event, detail = Event.LEASE_LOST, f"{reason}; the claim was no longer held"
                 self.engine.report(event, self.request, self.rid, self._status or None, detail)
                 return
+            if not released and await self._taken_over():
+                detail = f"{reason}; the key had been taken over, nothing was released"
+                self.engine.report(
+                    Event.LEASE_LOST, self.request, self.rid, self._status or None, detail
+                )
+                return
         except (StoreError, CorruptRecord) as exc:
             self._lost(f"{UNRELEASED}: {exc}")
             return
         self.engine.report(Event.RELEASED, self.request, self.rid, self._status or None, reason)
+
+    async def _holds(self, state: State) -> bool:
+        """Whether the ledger holds this claim's record in ``state``."""
+        record = await self.engine.store.get(self.rid)
+        return record is not None and record.token == self.token and record.state is state
+
+    async def _taken_over(self) -> bool:
+        """Whether another claim holds the key now (a release that found none did nothing)."""
+        record = await self.engine.store.get(self.rid)
+        return record is not None and record.token != self.token
