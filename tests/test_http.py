@@ -267,11 +267,7 @@ def test_client_gone_mid_response_still_completes_record(serve: Serve) -> None:
         )
         with socket.create_connection((host, port), timeout=30) as sock:
             sock.sendall(request)
-            received = b""
-            while CHUNKS[0] not in received:
-                data = sock.recv(65536)
-                assert data, "the server closed the connection before the first chunk"
-                received += data
+            read_until(sock, CHUNKS[0])
         # The server reports the disconnect; the app sends the rest of its response anyway.
         poll_until(served.recorder.disconnected.is_set, what="the server to see the client leave")
         served.app.gate.set()
@@ -286,6 +282,15 @@ def test_client_gone_mid_response_still_completes_record(serve: Serve) -> None:
         assert retry.content == WHOLE
         assert served.app.executions == 1
         assert_healthy(served)
+
+
+def read_until(sock: socket.socket, marker: bytes) -> None:
+    """Read from ``sock`` until ``marker`` has arrived (the first chunk of a stream)."""
+    received = b""
+    while marker not in received:
+        data = sock.recv(65536)
+        assert data, "the server closed the connection before the first chunk"
+        received += data
 
 
 def gated_stream_app(runs: list[int], gate: threading.Event) -> Starlette:
@@ -317,11 +322,7 @@ def post_and_leave(url: str, key: str) -> None:
     )
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(request)
-        received = b""
-        while CHUNKS[0] not in received:
-            data = sock.recv(65536)
-            assert data, "the server closed the connection before the first chunk"
-            received += data
+        read_until(sock, CHUNKS[0])
 
 
 def test_client_gone_mid_stream_of_starlette_app_still_completes_record(
@@ -393,11 +394,7 @@ def test_a_stream_cancelled_by_the_server_shutdown_is_not_run_again(tmp_path: Pa
         assert port is not None
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(request)
-            received = b""
-            while b"first-" not in received:
-                data = sock.recv(65536)
-                assert data, "the server closed the connection before the first chunk"
-                received += data
+            read_until(sock, b"first-")
             server.process.send_signal(signal.SIGTERM)  # cancelled after 2 s
             server.process.wait(timeout=30)
     with serve_subprocess("apps:create_app", workers=1, env=env, log_path=log) as server:

@@ -479,7 +479,8 @@ class Engine:
         # Executions end in other tasks' code: polled, briefly, rather than signalled. Never
         # the caller's own (an app closing the layer from a request).
         while time.monotonic() < deadline and any(  # noqa: ASYNC110
-            e.loop is loop and e.task is not me for e in self._running
+            e.task is not me and e.task is not None and e.task.get_loop() is loop
+            for e in self._running
         ):
             await asyncio.sleep(0.01)
         if self._background:
@@ -505,7 +506,6 @@ class Execution:
         "_status",
         "claim",
         "engine",
-        "loop",
         "policy",
         "renew_at",
         "renew_every",
@@ -533,9 +533,9 @@ class Execution:
         self.claim = None if policy is None else Claim(engine.store, rid, token, policy.ttl)
         """What the handler sees as :func:`current_claim` (None when running unprotected)."""
         self.renew_every = 0.0 if policy is None else policy.lease / 3
-        self.loop = asyncio.get_running_loop()
         self.task = asyncio.current_task()
-        self.renew_at = self.loop.time() + self.renew_every
+        """The request's task (its loop is the one the execution lives on)."""
+        self.renew_at = asyncio.get_running_loop().time() + self.renew_every
         """When the engine's heartbeat renews the lease next (event loop time)."""
         if policy is not None:
             engine.watch(self)
