@@ -1363,6 +1363,17 @@ def test_times_that_would_break_the_contract_are_refused(option: str, value: flo
         IdempotencyMiddleware(Counting(), store="memory://", **options)
 
 
+def test_a_response_limit_past_what_a_ledger_can_keep_is_refused() -> None:
+    """max_response_body over 256 MiB is a ConfigError: its completion would fail after the run."""
+    IdempotencyMiddleware(Counting(), store="memory://", max_response_body=256 << 20)
+    with pytest.raises(ConfigError, match="max_response_body"):
+        IdempotencyMiddleware(Counting(), store="memory://", max_response_body=(256 << 20) + 1)
+    with pytest.raises(ConfigError, match="max_response_body"):
+        IdempotencyMiddleware(
+            Counting(), store="memory://", routes=[Route("/big", max_response_body=1 << 31)]
+        )
+
+
 def test_an_infinite_ttl_or_wait_is_allowed() -> None:
     """ttl=inf keeps outcomes for good and wait=inf waits out the original: both are valid."""
     IdempotencyMiddleware(Counting(), store="memory://", ttl=math.inf, wait=math.inf)

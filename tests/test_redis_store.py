@@ -726,6 +726,65 @@ def _run_quietly(call: Callable[[], object]) -> None:
         call()
 
 
+async def test_a_blocked_event_loop_does_not_time_out_commands_it_held_back(
+    tmp_path: Path,
+) -> None:
+    """Commands queued just before the event loop is blocked past the timeout (a sync call in
+    a handler) are judged from when they were written, not failed as timed out (which left
+    their claims made but answered 503, the keys stuck at 409 for a lease)."""
+    url = fresh_url("redis", tmp_path) + "&timeout=0.5"
+    store = open_store(url)
+    try:
+        await bounded(store.get(rid()))  # connected and idle
+        claims = [(rid(), token()) for _ in range(50)]
+
+        async def blocker() -> None:
+            time.sleep(0.8)  # noqa: ASYNC251 - the point: the loop blocked past the timeout
+
+        # The first claim is written at once; the others wait for the end of this loop turn,
+        # which the blocker, scheduled before that flush, delays.
+        tasks = [asyncio.ensure_future(store.claim(r, t, FP, LONG, LONG)) for r, t in claims]
+        tasks.append(asyncio.ensure_future(blocker()))
+        results = await bounded(asyncio.gather(*tasks, return_exceptions=True))
+        assert results[:-1] == [None] * len(claims), results
+    finally:
+        await store.aclose()
+
+
+async def test_a_full_server_never_lets_a_claim_take_over_a_holder_that_cannot_renew(
+    tmp_path: Path,
+) -> None:
+    """Redis at maxmemory (noeviction): the holder's renewal still goes through (it grows
+    nothing), and a takeover claim is refused like a fresh claim; before, renewals failed with
+    OOM while a duplicate's takeover succeeded (its DEL let its HSET past the OOM check):
+    a double execution."""
+    with private_redis(tmp_path, "--maxmemory-policy", "noeviction") as server:
+        store = open_store(server.url)
+        admin = redis.Redis(port=server.port)
+        try:
+            r, holder = rid(), token()
+            assert await bounded(store.claim(r, holder, FP, 0.5, LONG)) is None
+            for i in range(300):
+                admin.set(f"other:{i}", b"x" * 10_000)
+            used = int(admin.info("memory")["used_memory"])
+            admin.config_set("maxmemory", str(used - 1_000_000))  # full, nothing evictable
+            with pytest.raises(StoreUnavailable, match="OOM"):
+                await bounded(store.claim(rid(), token(), FP, LONG, LONG))  # a fresh claim
+            await asyncio.sleep(0.6)  # the holder's lease ran out, unrenewed
+            with pytest.raises(StoreUnavailable, match="OOM"):
+                await bounded(store.claim(r, token(), FP, LONG, LONG))  # no takeover
+            assert await bounded(store.renew(r, holder, LONG))  # the holder keeps it
+            record = await bounded(store.get(r))
+            assert record is not None
+            assert record.token == holder
+            assert record.lease_until - record.created_at > 10
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                admin.config_set("maxmemory", "0")
+            admin.close()
+            await store.aclose()
+
+
 async def test_authentication_and_acl_user(tmp_path: Path) -> None:
     """Password and ACL user from the URL are sent (AUTH); a wrong one is unavailable, hidden."""
     with private_redis(
@@ -844,6 +903,45 @@ async def test_tls(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
         finally:
             for ledger in (store, untrusting, plain):
                 await ledger.aclose()
+
+
+async def test_tls_with_a_client_certificate(
+    tmp_path: Path, certificate: tuple[Path, Path]
+) -> None:
+    """rediss:// with ssl_certfile and ssl_keyfile presents a client certificate, which a TLS
+    Redis asks for by default (tls-auth-clients yes); before, no URL could reach such a server."""
+    key, cert = certificate
+    port = free_port()
+    tls = (
+        "--tls-cert-file",
+        str(cert),
+        "--tls-key-file",
+        str(key),
+        "--tls-ca-cert-file",
+        str(cert),
+    )
+    with private_redis(tmp_path, "--tls-port", str(port), *tls):
+        base = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+        store = open_store(f"{base}&ssl_certfile={cert}&ssl_keyfile={key}")
+        anonymous = open_store(base)
+        try:
+            r, t = rid(), token()
+            assert await bounded(store.claim(r, t, FP, LONG, LONG)) is None
+            assert await bounded(store.complete(r, t, State.DONE, b"mtls", LONG))
+            record = await bounded(store.get(r))
+            assert record is not None
+            assert record.response == b"mtls"
+            with pytest.raises(StoreUnavailable):  # no certificate: refused by the server
+                await bounded(anonymous.get(r))
+        finally:
+            await store.aclose()
+            await anonymous.aclose()
+    with pytest.raises(ConfigError, match="ssl_keyfile"):
+        RedisStore.from_url(f"rediss://127.0.0.1:{port}/0?ssl_keyfile={key}")  # no certfile
+    with pytest.raises(ConfigError, match="need rediss"):
+        RedisStore.from_url(f"redis://127.0.0.1:{port}/0?ssl_certfile={cert}")
+    with pytest.raises(ConfigError, match="ssl_certfile"):
+        RedisStore.from_url(f"rediss://127.0.0.1:{port}/0?ssl_certfile={tmp_path / 'none.pem'}")
 
 
 # -- event loops and fork ---------------------------------------------------------------------

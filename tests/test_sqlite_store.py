@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,6 +200,60 @@ def test_a_forked_child_uses_the_store_normally(ledger: str) -> None:
     asyncio.run(after())
 
 
+CLAIM_IN_ANOTHER_PROCESS = """
+import asyncio, sys
+from retrysafe.stores import SQLiteStore
+async def main():
+    async with SQLiteStore(sys.argv[1]) as store:
+        record = await store.claim(bytes.fromhex(sys.argv[2]), 2, b"fingerprint-1", 60, 60)
+        print("taken" if record is None else "held")
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_a_ledger_file_deleted_or_replaced_is_not_written_on(
+    ledger: str, tmp_path: Path, how: str
+) -> None:
+    """After the ledger file is deleted (or replaced by another) under a running store, its
+    claims land in the file other processes open: one key is never claimed in two ledgers."""
+    async with SQLiteStore(ledger) as store:
+        assert await store.claim(rid(), token(), FP, LONG, LONG) is None
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ledger + suffix)
+        if how == "replaced":  # e.g. a restore: another ledger moved into its place
+            async with SQLiteStore(str(tmp_path / "backup.db")) as other:
+                await other.initialize()
+            os.replace(tmp_path / "backup.db", ledger)
+        key = rid()
+        assert await store.claim(key, 1, FP, LONG, LONG) is None
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CLAIM_IN_ANOTHER_PROCESS, ledger, key.hex(),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await child.communicate()
+        assert out.decode().strip() == "held"  # the running store's claim is seen there
+
+
+async def test_aclose_commits_queued_writes_and_stays_closed(ledger: str) -> None:
+    """Writes queued when the store is closed are committed, and do not reopen a connection
+    (nor a checkpointer thread) on the closed store."""
+    store = SQLiteStore(ledger)
+    assert await store.claim(rid(), token(), FP, LONG, LONG) is None
+    r = rid()
+    queued = asyncio.ensure_future(store.claim(r, 1, FP, LONG, LONG))
+    await asyncio.sleep(0)  # queued for the next turn's group commit
+    await store.aclose()
+    assert await queued is None
+    assert store._conn is None
+    assert store._checkpointer is None
+    async with SQLiteStore(ledger) as again:
+        record = await again.get(r)
+        assert record is not None
+        assert record.token == 1
+
+
 @forks
 def test_fork_closes_connections_and_joins_checkpointers(ledger: str, tmp_path: Path) -> None:
     """Before a fork every store's connection is closed and every checkpointer thread ended."""
@@ -235,6 +290,33 @@ async def test_an_unclosed_store_that_is_collected_stops_its_checkpointer(ledger
     gc.collect()
     await asyncio.to_thread(checkpointer.join, 10)
     assert not checkpointer.is_alive()
+
+
+async def test_a_long_reader_does_not_make_the_checkpointer_stall_writers(
+    ledger: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a reader pins a long WAL (an app's long query on the shared file), the restarting
+    checkpointer cannot reset it: it must not hold every writer back for a second at a time."""
+    monkeypatch.setattr(_Checkpointer, "RESTART_FRAMES", 64)
+    async with SQLiteStore(ledger) as store:
+        assert await store.claim(rid(), token(), FP, LONG, LONG) is None
+        reader = sqlite3.connect(ledger, isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM retrysafe_records").fetchone()
+            for _ in range(4):  # well past RESTART_FRAMES frames the reader keeps in the WAL
+                await asyncio.gather(*(store.claim(rid(), 1, FP, LONG, LONG) for _ in range(64)))
+            slowest = 0.0
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 2.5
+            while loop.time() < end:
+                start = loop.time()
+                assert await store.claim(rid(), token(), FP, LONG, LONG) is None
+                slowest = max(slowest, loop.time() - start)
+                await asyncio.sleep(0.01)
+            assert slowest < 0.5
+        finally:
+            reader.close()
 
 
 # -- purge --------------------------------------------------------------------------------------
@@ -480,6 +562,82 @@ async def test_a_corrupt_row_fails_only_its_own_claim_in_a_group(ledger: str) ->
         assert results[1].token == 5
         for r in good:
             assert await store.get(r) is not None
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["fingerprint = 9223372036854775807", "scope = 9223372036854775807", "fingerprint = 3",
+     "token = 'abc'", "state = 1, response = 7"],
+)  # fmt: skip
+async def test_a_column_of_the_wrong_type_is_corrupt_and_only_its_own(
+    ledger: str, damage: str
+) -> None:
+    """A row whose column has another type (an INTEGER fingerprint) is CorruptRecord for its own
+    claim, never OverflowError or made-up bytes; the claims grouped with it commit."""
+    async with SQLiteStore(ledger) as store:
+        bad = rid()
+        assert await store.claim(bad, 5, FP, LONG, LONG) is None
+        store._connection().execute(f"UPDATE retrysafe_records SET {damage} WHERE rid = ?", (bad,))
+        good = [rid() for _ in range(2)]
+        results = await asyncio.gather(
+            store.claim(good[0], 1, FP, LONG, LONG),
+            store.claim(bad, 6, FP, LONG, LONG),
+            store.claim(good[1], 2, FP, LONG, LONG),
+            return_exceptions=True,
+        )
+        assert [results[0], results[2]] == [None, None]
+        assert isinstance(results[1], CorruptRecord)
+        with pytest.raises(CorruptRecord):
+            await store.get(bad)
+        for r in good:
+            assert await store.get(r) is not None
+        assert await store.release(bad, results[1].token)  # as the engine drops it
+        assert await store.claim(bad, 7, FP, LONG, LONG) is None
+
+
+async def test_an_operation_failing_in_python_fails_only_itself_in_a_group(ledger: str) -> None:
+    """A write that raises before SQLite runs it (a token too large to bind) fails alone; the
+    writes grouped with it commit and report their own results."""
+    async with SQLiteStore(ledger) as store:
+        good = [rid() for _ in range(3)]
+        results = await asyncio.gather(
+            store.claim(good[0], 1, FP, LONG, LONG),
+            store.claim(rid(), 1 << 64, FP, LONG, LONG),
+            store.claim(good[1], 2, FP, LONG, LONG),
+            store.complete(good[2], 3, State.DONE, b"x", LONG),
+            return_exceptions=True,
+        )
+        assert [results[0], results[2], results[3]] == [None, None, False]
+        assert isinstance(results[1], OverflowError)
+        for r in good[:2]:
+            assert await store.get(r) is not None
+
+
+async def test_a_write_too_large_for_the_disk_fails_alone_in_a_group(ledger: str) -> None:
+    """A completion the full disk cannot take (SQLITE_FULL) fails alone: the claims grouped
+    with it, which fit, are committed rather than refused with it."""
+    async with SQLiteStore(ledger) as store:
+        held = rid()
+        assert await store.claim(held, 1, FP, LONG, LONG) is None
+        conn = store._connection()
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 30}")  # room for claims, not 200 KB
+        fresh = [rid() for _ in range(5)]
+        results = await asyncio.gather(
+            *(store.claim(r, 2, FP, LONG, LONG) for r in fresh),
+            store.complete(held, 1, State.DONE, os.urandom(200_000), LONG),
+            return_exceptions=True,
+        )
+        assert results[:5] == [None] * 5
+        assert isinstance(results[5], StoreUnavailable)
+        assert not isinstance(results[5], StoreBusy)
+        for r in fresh:
+            record = await store.get(r)
+            assert record is not None
+            assert record.token == 2
+        record = await store.get(held)
+        assert record is not None
+        assert record.state is State.IN_FLIGHT
 
 
 async def test_a_busy_group_is_retried_until_the_lock_is_free(ledger: str) -> None:

@@ -22,6 +22,9 @@ __all__ = [
 
 UNSTORED_4XX = frozenset({408, 409, 423, 425, 429})
 
+MAX_STORED_RESPONSE = 256 << 20
+"""The largest ``max_response_body``: every ledger keeps a record this large as one value."""
+
 DEFAULT_DENIED_HEADERS = frozenset(
     {
         # hop-by-hop (RFC 9110 7.6.1), and headers that belong to one response only
@@ -87,6 +90,14 @@ class Policy:
         for name in ("max_request_body", "max_response_body"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 bytes")
+        if self.max_response_body > MAX_STORED_RESPONSE:
+            # A record past what a ledger holds in one value (SQLite and PostgreSQL: 1 GB,
+            # Redis: 512 MB) would fail its completion after the handler ran: the key would
+            # run again once the lease ends, instead of being kept as not replayable.
+            raise ConfigError(
+                f"max_response_body must be <= {MAX_STORED_RESPONSE} bytes (256 MiB), the"
+                " most every ledger can keep as one record"
+            )
         for name in _COLLECTIONS:
             value = getattr(self, name)
             if isinstance(value, str | bytes):

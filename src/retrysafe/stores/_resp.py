@@ -11,8 +11,12 @@ what the ledger needs:
 * Replies are parsed by :func:`parse` (the five RESP2 types) straight from the bytes the
   transport hands over; a reply split across reads is parsed once enough bytes arrived.
 * A watchdog, one timer per connection, aborts the connection when the oldest outstanding
-  command has waited longer than ``timeout``: every caller then gets :class:`TimeoutError`
-  instead of hanging on a silent server. The cost is one timer per ``timeout`` period, not
+  command has waited longer than ``timeout`` since it was written to the socket, with no byte
+  of reply arriving meanwhile: every caller then gets :class:`TimeoutError` instead of hanging
+  on a silent server. A command is timed from its write, not from its call, and a reply still
+  arriving counts as an answer, so that an event loop blocked for a while (a sync call in a
+  handler) never passes for a silent server: a command that reached the server and was
+  answered must not be reported as failed. The cost is one timer per ``timeout`` period, not
   one per command.
 * A connection in pub/sub mode hands every reply to ``on_push`` instead.
 
@@ -159,12 +163,17 @@ class Connection(asyncio.Protocol):
         """Set in pub/sub mode: receives every reply, nothing is matched to callers."""
         self.on_close: Callable[[], None] | None = None
         self._transport: asyncio.Transport | None = None
-        # (future, when sent) per command, oldest first; None for a reply nobody awaits.
-        self._pending: collections.deque[tuple[asyncio.Future[Reply] | None, float]] = (
+        # (future, [when written]) per command, oldest first; None for a reply nobody awaits.
+        # The commands queued in one turn share their one-item list, set again by _flush.
+        self._pending: collections.deque[tuple[asyncio.Future[Reply] | None, list[float]]] = (
             collections.deque()
         )
         self._out: list[bytes] = []
         """Commands queued in this turn of the event loop, written together by _flush."""
+        self._batch: list[float] = [0.0]
+        """When the commands in ``_out`` were written (queued, until _flush writes them)."""
+        self._last_read = 0.0
+        """When bytes last came from the server (a reply still arriving is no silence)."""
         self._partial: list[bytes] = []
         self._partial_size = 0
         self._need = 0
@@ -178,6 +187,7 @@ class Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        self._last_read = self.loop.time()
         if self._partial:
             self._partial.append(data)
             self._partial_size += len(data)
@@ -234,9 +244,11 @@ class Connection(asyncio.Protocol):
         future: asyncio.Future[Reply] = self.loop.create_future()
         if not self._pending and not self._out:
             self._transport.write(payload)  # type: ignore[union-attr] # set while not closed
+            written = [self.loop.time()]
         else:
             self.write(payload)
-        self._pending.append((future, self.loop.time()))
+            written = self._batch
+        self._pending.append((future, written))
         if self._watchdog is None:
             self._arm()
         return future
@@ -245,8 +257,8 @@ class Connection(asyncio.Protocol):
         """:meth:`send` preceded by ``ASKING`` (a cluster ``-ASK`` redirection)."""
         if self.closed:
             raise ConnectionLost(str(self._why))
-        self._pending.append((None, self.loop.time()))
         self.write(_ASKING)
+        self._pending.append((None, self._batch))
         return self.send(payload)
 
     def write(self, payload: bytes) -> None:
@@ -255,24 +267,31 @@ class Connection(asyncio.Protocol):
             raise ConnectionLost(str(self._why))
         self._out.append(payload)
         if len(self._out) == 1:
+            self._batch = [self.loop.time()]
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         out = self._out
         if out and not self.closed:
             self._transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[union-attr]
+            # Timed from now: a turn of the loop that blocked before this write is not the
+            # server's delay.
+            self._batch[0] = self.loop.time()
         out.clear()
 
     # -- timeouts and closing -----------------------------------------------------------------
 
+    def _deadline(self) -> float:
+        return max(self._pending[0][1][0], self._last_read) + self.timeout
+
     def _arm(self) -> None:
-        self._watchdog = self.loop.call_at(self._pending[0][1] + self.timeout, self._check)
+        self._watchdog = self.loop.call_at(self._deadline(), self._check)
 
     def _check(self) -> None:
         self._watchdog = None
         if self.closed or not self._pending:
             return  # re-armed by the next send
-        if self.loop.time() >= self._pending[0][1] + self.timeout:
+        if self.loop.time() >= self._deadline():
             # The oldest command got no reply in time: the server (or the path to it) is stuck.
             # Replies are matched in order, so the connection cannot skip it: drop it whole.
             self.abort(TimeoutError(f"{self.name}: no reply within {self.timeout:g} s"))

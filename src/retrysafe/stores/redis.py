@@ -9,8 +9,10 @@ URLs::
 
 A cluster URL names seed nodes; the others are found with ``CLUSTER SLOTS``. Options:
 ``prefix`` (of every key, default ``retrysafe``), ``timeout`` (seconds a command may take,
-connecting included; default 2), and for TLS ``ssl_ca_certs`` (a CA bundle file) and
-``ssl_cert_reqs`` (``required``, the default, or ``none``).
+connecting included; default 2), and for TLS ``ssl_ca_certs`` (a CA bundle file),
+``ssl_cert_reqs`` (``required``, the default, or ``none``) and ``ssl_certfile`` with
+``ssl_keyfile`` (the client's certificate and key, PEM files, which a TLS Redis asks for unless
+``tls-auth-clients`` is off; the key may be in the certificate's file).
 
 **Layout.** One hash per record, key ``<prefix>:<rid in hex>``, fields ``state`` (0 in flight,
 1 done, 2 not replayable), ``token`` (decimal), ``fingerprint``, ``lease_until``,
@@ -156,6 +158,7 @@ _CLAIM = f"""
 -- {{2, fields...}} (a record the script cannot judge: corrupt).
 local r = redis.pcall('HMGET', key, {_FIELD_LIST})
 if r.err then return {{2}} end
+local taken = false
 if r[1] or r[2] or r[3] or r[4] or r[5] or r[6] or r[7] or r[8] then
   local state, lease_until, expires_at = r[1], num(r[4]), num(r[5])
   if not (lease_until and expires_at and (state == '0' or state == '1' or state == '2')) then
@@ -164,12 +167,16 @@ if r[1] or r[2] or r[3] or r[4] or r[5] or r[6] or r[7] or r[8] then
   if expires_at > now and not (state == '0' and lease_until <= now) then
     return {{1, r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8]}}
   end
-  redis.call('DEL', key)  -- expired, or its holder's lease ran out: taken over
+  taken = true  -- expired, or its holder's lease ran out: taken over
 end
+-- HSET first, as the script's first write: at maxmemory it is refused (OOM) before anything
+-- changed, for a takeover as for a fresh claim. A DEL first would let it through (Redis
+-- lets a script that wrote finish its writes) while the holder's renewals were refused.
 local expires_at = now + tonumber(ARGV[4])
 redis.call('HSET', key, 'state', '0', 'token', ARGV[1], 'fingerprint', ARGV[2],
   'lease_until', stamp(now + tonumber(ARGV[3])), 'expires_at', stamp(expires_at),
   'scope', ARGV[5], 'created_at', stamp(now))
+if taken then redis.call('HDEL', key, 'response') end  -- every other field was rewritten
 expire(expires_at)
 return 0
 """
@@ -180,11 +187,15 @@ local r = redis.pcall('HMGET', key, 'token', 'state', 'expires_at')
 if r.err or r[1] ~= ARGV[1] or r[2] ~= '0' then return 0 end
 local lease_until = now + tonumber(ARGV[2])
 local expires_at = num(r[3])
+-- The native TTL first: PEXPIREAT is allowed at maxmemory and, once a script wrote, so are
+-- its other writes. A renewal grows nothing (same fields, same lengths), and a holder that
+-- cannot renew on a full server would lose its claim to a duplicate: never refuse it.
 if expires_at and expires_at >= lease_until then
+  expire(expires_at)  -- unchanged
   redis.call('HSET', key, 'lease_until', stamp(lease_until))
 else  -- never expire under a live holder
-  redis.call('HSET', key, 'lease_until', stamp(lease_until), 'expires_at', stamp(lease_until))
   expire(lease_until)
+  redis.call('HSET', key, 'lease_until', stamp(lease_until), 'expires_at', stamp(lease_until))
 end
 return 1
 """
@@ -669,6 +680,8 @@ class RedisStore(Store):
         ssl_context = None
         ca_certs = options.pop("ssl_ca_certs", None)
         cert_reqs = options.pop("ssl_cert_reqs", None)
+        certfile = options.pop("ssl_certfile", None)
+        keyfile = options.pop("ssl_keyfile", None)
         if options:
             raise ConfigError(f"{shown}: unknown option(s) {', '.join(sorted(options))}")
         if tls:
@@ -681,8 +694,21 @@ class RedisStore(Store):
             if cert_reqs == "none":
                 ssl_context.check_hostname = False
                 ssl_context.verify_mode = ssl.CERT_NONE
-        elif ca_certs is not None or cert_reqs is not None:
-            raise ConfigError(f"{shown}: ssl_ca_certs and ssl_cert_reqs need rediss://")
+            if keyfile is not None and certfile is None:
+                raise ConfigError(f"{shown}: ssl_keyfile needs ssl_certfile")
+            if certfile is not None:
+                try:
+                    # No password: an encrypted key fails here instead of OpenSSL
+                    # prompting on the terminal of a server.
+                    ssl_context.load_cert_chain(certfile, keyfile, password=b"")
+                except (OSError, ssl.SSLError) as exc:
+                    raise ConfigError(
+                        f"{shown}: cannot load ssl_certfile/ssl_keyfile: {exc}"
+                    ) from None
+        elif any(v is not None for v in (ca_certs, cert_reqs, certfile, keyfile)):
+            raise ConfigError(
+                f"{shown}: ssl_ca_certs, ssl_cert_reqs, ssl_certfile and ssl_keyfile need rediss://"
+            )
         try:
             return cls(
                 nodes,

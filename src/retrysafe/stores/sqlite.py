@@ -181,6 +181,10 @@ class SQLiteStore(Store):
                 f"sqlite busy_timeout must be a finite number of seconds >= 0: {busy_timeout}"
             )
         self.path = path
+        self._file = path if path in {"", ":memory:"} else os.path.abspath(path)
+        """The file every connection opens: resolved once, so a chdir() changes nothing."""
+        self._file_id: tuple[int, int] | None = None
+        """(device, inode) of the file ``_conn`` opened: another one there means it moved."""
         self.busy_timeout = busy_timeout
         self._synchronous = synchronous.upper()
         self._table = table
@@ -245,7 +249,7 @@ class SQLiteStore(Store):
     # -- connection -------------------------------------------------------------------------
 
     def _connect(self, busy_timeout: float = 0.0) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn = sqlite3.connect(self._file, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             if not self.create:
@@ -300,16 +304,45 @@ class SQLiteStore(Store):
 
     def _connection(self) -> sqlite3.Connection:
         # Closed before every fork (_before_fork): each process opens its own, here.
+        if self._conn is not None and self._file_id is not None and self._file_id != self._stat():
+            # The ledger file was deleted or replaced (rm, a restore) since it was opened:
+            # writing on into the old one would keep a ledger no other process sees, and
+            # every key claimed there would run again in the others.
+            self._drop()
         if self._conn is None:
             self._conn = self._connect()
             if not self._private:
-                self._checkpointer = _Checkpointer(self.path, self)
+                self._file_id = self._stat()
+                self._checkpointer = _Checkpointer(self._file, self)
         return self._conn
+
+    def _stat(self) -> tuple[int, int] | None:
+        """(device, inode) of the ledger file now; None if there is none."""
+        try:
+            st = os.stat(self._file)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _drop(self) -> None:
+        """Close the connection, stop the checkpointer; the caller holds ``_lock``.
+
+        The checkpointer is not joined: a checkpoint in progress would hold the event loop.
+        It closes its connection as it ends; a fork waits for that (_before_fork).
+        """
+        checkpointer, self._checkpointer = self._checkpointer, None
+        conn, self._conn = self._conn, None
+        self._file_id = None
+        if checkpointer is not None:
+            checkpointer.stop()
+        if conn is not None:
+            conn.close()
 
     def _close(self) -> None:
         """Stop the checkpointer, close the connection; the caller holds ``_lock``."""
         checkpointer, self._checkpointer = self._checkpointer, None
         conn, self._conn = self._conn, None
+        self._file_id = None
         if checkpointer is not None:
             checkpointer.stop()
             checkpointer.join()
@@ -361,8 +394,10 @@ class SQLiteStore(Store):
     # calls, tens of microseconds), whatever it writes. Writes asked for during one turn of
     # the event loop are therefore queued and run together, each statement for itself, in
     # ONE transaction at the start of the next turn. An operation's own failure (a corrupt
-    # row) is its own; a failure of the transaction (busy, I/O) is every queued operation's,
-    # and each caller retries or reports it as it would have alone.
+    # row, a value that cannot be bound) is its own; a busy transaction is every queued
+    # operation's, and each caller retries it as it would have alone. Any other failure of
+    # the transaction (a disk too full for one large response) may be one write's own: the
+    # group is rolled back and each of its writes made again alone, for its own outcome.
     #
     # Waiting for the next turn costs a write about 25 us, which only pays when writes
     # come several at a time. Every GROUP_SAMPLE commits, a store that has been committing
@@ -381,6 +416,8 @@ class SQLiteStore(Store):
 
     def _commit(self, loop: asyncio.AbstractEventLoop) -> None:
         queue = [job for job in self._queues.pop(loop, ()) if not job[1].cancelled()]
+        if not queue:
+            return  # all cancelled, or flushed by aclose(): nothing to open a connection for
         self._commits += 1
         self._grouped += len(queue)
         if self._commits >= GROUP_SAMPLE:
@@ -406,12 +443,28 @@ class SQLiteStore(Store):
                                 results.append((True, operation(conn)))
                             except (CorruptRecord, _Contended) as exc:
                                 results.append((False, exc))
+                            except sqlite3.Error:
+                                raise  # busy, I/O, disk full: the transaction's failure
+                            except Exception as exc:
+                                # Raised in Python (a value that cannot be bound): the
+                                # operation's own; the others' statements stand.
+                                if not conn.in_transaction:
+                                    raise
+                                results.append((False, exc))
                         conn.execute("COMMIT")
-                    except BaseException:
+                    except BaseException as exc:
+                        del results[start:]  # first: none of them stands, even if ROLLBACK fails
                         if conn.in_transaction:
                             conn.execute("ROLLBACK")
-                        del results[start:]
-                        raise
+                        if not isinstance(exc, sqlite3.Error) or _is_busy(exc):
+                            raise  # busy: every caller retries, as it would alone
+                        # Not busy (the disk too full for one large response, ...): perhaps
+                        # one write's own failure. Each is made again alone, for its own outcome.
+                        for operation, _ in group:
+                            try:
+                                results.append((True, operation(conn)))
+                            except Exception as own:
+                                results.append((False, own))
         except BaseException as exc:  # this group and every later one fail as a whole
             for _, future in queue[len(results) :]:
                 if not future.done():
@@ -429,18 +482,29 @@ class SQLiteStore(Store):
     @staticmethod
     def _record(row: Any) -> Record:
         state, token, fingerprint, lease_until, expires_at, response, scope, created_at = row
+        # Each column must have the type this store writes: a converting decode would read an
+        # INTEGER fingerprint as that many zero bytes (MemoryError, OverflowError: a 500).
+        blobs = (fingerprint, scope) if response is None else (fingerprint, scope, response)
+        times = (lease_until, expires_at, created_at)
+        if (
+            type(token) is not int
+            or type(state) is not int
+            or any(type(blob) is not bytes for blob in blobs)
+            or any(type(t) is not float and type(t) is not int for t in times)
+        ):
+            raise CorruptRecord("undecodable ledger row: a column of the wrong type", token)
         try:
             return Record(
                 State(state),
                 token,
-                bytes(fingerprint),
+                fingerprint,
                 float(lease_until),
                 float(expires_at),
-                None if response is None else bytes(response),
-                bytes(scope),
+                response,
+                scope,
                 float(created_at),
             )
-        except (ValueError, TypeError) as exc:
+        except ValueError as exc:
             raise CorruptRecord(f"undecodable ledger row: {exc}", token) from exc
 
     # -- primitives -------------------------------------------------------------------------
@@ -619,15 +683,13 @@ class SQLiteStore(Store):
             self.create = create
 
     async def aclose(self) -> None:
+        # Writes queued on this loop are committed first: run later, they would open the
+        # connection (and a checkpointer thread) again, on a store said to be closed.
+        loop = asyncio.get_running_loop()
+        if loop in self._queues:
+            self._commit(loop)
         with self._lock:
-            checkpointer, self._checkpointer = self._checkpointer, None
-            conn, self._conn = self._conn, None
-            # The checkpointer is not joined: a checkpoint in progress would hold the event
-            # loop. It closes its connection as it ends; a fork waits for that (_before_fork).
-            if checkpointer is not None:
-                checkpointer.stop()
-            if conn is not None:
-                conn.close()
+            self._drop()
 
 
 class _Checkpointer(threading.Thread):
@@ -637,10 +699,19 @@ class _Checkpointer(threading.Thread):
     catching up, the WAL would only grow; past ``RESTART_FRAMES`` a RESTART checkpoint makes
     writers wait (asynchronously, as for any busy moment) while the log is brought back to
     the start. It ends when stopped or when its store is garbage-collected unclosed.
+
+    A RESTART holds the writers back while it waits for the readers, and a reader that keeps
+    an old snapshot (a long query of the app's on the same file, a backup) pins the log: no
+    RESTART can succeed until it ends. So a RESTART waits at most ``RESTART_WAIT``, and one
+    that failed is tried again later and later (up to ``RESTART_BACKOFF`` apart), rather than
+    every interval: that stalled every write of every process for a second at a time.
     """
 
     INTERVAL = 0.05
     RESTART_FRAMES = 4096
+    RESTART_WAIT = 0.1
+    RESTART_BACKOFF = 1.0, 16.0
+    """Seconds before the next RESTART after a failed one: the first, and the most."""
 
     def __init__(self, path: str, owner: SQLiteStore) -> None:
         super().__init__(name="retrysafe-sqlite-checkpoint", daemon=True)
@@ -658,15 +729,25 @@ class _Checkpointer(threading.Thread):
         except sqlite3.Error:
             return
         try:
-            conn.execute("PRAGMA busy_timeout = 1000")
-            frames = 0
+            # Only a RESTART waits (PASSIVE never calls the busy handler).
+            conn.execute(f"PRAGMA busy_timeout = {int(self.RESTART_WAIT * 1000)}")
+            frames, backoff, next_restart = 0, 0.0, 0.0
             while not self._stopping.wait(self.INTERVAL) and self._owner() is not None:
-                mode = "RESTART" if frames > self.RESTART_FRAMES else "PASSIVE"
+                restart = frames > self.RESTART_FRAMES and time.monotonic() >= next_restart
                 try:
-                    busy, log, _ = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+                    row = conn.execute(
+                        f"PRAGMA wal_checkpoint({'RESTART' if restart else 'PASSIVE'})"
+                    ).fetchone()
+                    busy, log = row[0], row[1]
                 except sqlite3.Error:
-                    continue  # busy or transient: try again at the next interval
-                frames = 0 if mode == "RESTART" and not busy else log
+                    busy, log = 1, frames  # busy or transient: try again later
+                if restart and busy:
+                    first, most = self.RESTART_BACKOFF
+                    backoff = min(max(backoff * 2, first), most)
+                    next_restart = time.monotonic() + backoff
+                elif restart:
+                    backoff = 0.0
+                frames = 0 if restart and not busy else log
         except sqlite3.Error:
             pass
         finally:
