@@ -2,8 +2,9 @@
 a small idempotency layer that is not retrysafe, and that layer broken one defect at a time.
 
 :class:`PaymentsApp` answers ``POST`` (any path) with 201 and a JSON body carrying a fresh id,
-streamed in two chunks without a Content-Length, plus a ``Set-Cookie``. ``X-Fail: 503`` makes
-it answer 503, ``X-Fail: raise`` makes it raise (the server answers 500). ``GET`` gets 405.
+streamed in two chunks without a Content-Length, plus a ``Set-Cookie`` and two ``Link``
+headers. ``X-Fail: 503`` makes it answer 503, ``X-Fail: raise`` makes it raise (the server
+answers 500). ``GET`` gets 405.
 
 :class:`ToyLayer` implements the contract the simple way (a dict, one event loop): the checker
 must pass it too, so that the checker is shown to work on an implementation other than
@@ -36,6 +37,8 @@ DEFECTS = (
     "stuck-key",
     "double-execution",
     "truncated-replay",
+    "cookie-replayed",
+    "headers-dropped",
 )
 
 
@@ -93,6 +96,8 @@ class PaymentsApp:
             (b"content-type", b"application/json"),
             (b"location", f"/charges/{charge}".encode()),
             (b"set-cookie", f"session={charge}".encode()),
+            (b"link", b"</v1/customers>; rel=customers"),
+            (b"link", b"</v1/refunds>; rel=refunds"),
         ]
         await send({"type": "http.response.start", "status": 201, "headers": headers})
         await send({"type": "http.response.body", "body": answer[:half], "more_body": True})
@@ -272,8 +277,14 @@ class ToyLayer:
             (name, value)
             for name, value in started[0]["headers"]
             if name.lower() not in _NOT_STORED
-            or (name.lower() == b"set-cookie" and self.defect == "cross-caller-replay")
+            or (
+                name.lower() == b"set-cookie"
+                and self.defect in {"cross-caller-replay", "cookie-replayed"}
+            )
         ]
+        if self.defect == "headers-dropped":  # keeps the headers a checker is sure to look at
+            kept = {b"content-type", b"location", b"etag"}
+            record.headers = [(n, v) for n, v in record.headers if n.lower() in kept]
         record.body = b"".join(chunks)
         record.expires = time.monotonic() + self.ttl
         record.done = True

@@ -11,6 +11,9 @@ it got, so tests can assert the keys the server side saw across attempts.
 
 ``serve_tls()`` runs a :class:`CountingApp` over HTTPS with a certificate from a throwaway test
 authority; ``SlowTransport`` makes every attempt last a given time on a :class:`FakeClock`.
+``serve_trickling()`` answers every request with a body sent a byte at a time (the client's
+read timeout never fires); ``tls_front()`` drops the first connections mid TLS handshake (a
+load balancer draining), then relays the rest to a TLS server.
 """
 
 from __future__ import annotations
@@ -340,3 +343,91 @@ class SlowTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         self.inner.close()
+
+
+@contextlib.contextmanager
+def serve_trickling(size: int, interval: float) -> Iterator[str]:
+    """Serve, on loopback, a 200 whose ``size``-byte body comes one byte every ``interval``
+    seconds: each read gets a byte well within any timeout, the whole body takes long."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body", False):
+            pass
+        gone = asyncio.ensure_future(receive())  # http.disconnect: the client gave up
+        headers = [(b"content-length", b"%d" % size)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for _ in range(size):
+            if gone.done():
+                return
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            await asyncio.sleep(interval)
+        gone.cancel()
+        await send({"type": "http.response.body", "body": b""})
+
+    with serve_in_thread(app) as url:
+        yield url
+
+
+@dataclass
+class TlsFront:
+    """A TCP front on loopback: the first ``drops`` connections are closed once the client
+    sent its TLS ClientHello (the handshake ends in an EOF), later ones are relayed."""
+
+    url: str
+    connections: int = 0
+
+
+def _pump(source: socket.socket, target: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            target.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, target):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+@contextlib.contextmanager
+def tls_front(upstream: str, drops: int) -> Iterator[TlsFront]:
+    """Front the TLS server at ``upstream`` (``https://127.0.0.1:port``), see :class:`TlsFront`."""
+    port = int(upstream.rsplit(":", 1)[1])
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.1)
+    front = TlsFront(f"https://127.0.0.1:{listener.getsockname()[1]}")
+    stop = threading.Event()
+    sockets: list[socket.socket] = []
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            front.connections += 1
+            sockets.append(client)
+            if front.connections <= drops:
+                client.recv(65536)  # the ClientHello
+                client.close()
+                continue
+            server = socket.create_connection(("127.0.0.1", port))
+            sockets.append(server)
+            threading.Thread(target=_pump, args=(client, server), daemon=True).start()
+            threading.Thread(target=_pump, args=(server, client), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield front
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+        for sock in sockets:
+            sock.close()

@@ -129,13 +129,25 @@ def test_unprotected_server_fails_replay_and_concurrency(
 
 DEFECT_FINDINGS = {
     # defect: (the check that names it, the words it uses, every check that fails)
-    "cross-caller-replay": ("other-caller", "cross-caller replay", {"other-caller"}),
+    # (this one stores Set-Cookie too: the same caller's replays show it)
+    "cross-caller-replay": (
+        "other-caller",
+        "cross-caller replay",
+        {"other-caller", "replay", "concurrency"},
+    ),
     "mismatch-replayed": ("other-body", "mismatch replayed", {"other-body", "other-path"}),
     "5xx-cached": ("5xx-released", "5xx cached", {"5xx-released"}),
     "stuck-key": ("stuck-key", "stuck key", {"stuck-key"}),
     "double-execution": ("concurrency", "executed", {"concurrency"}),
     # the truncated replay shows wherever a replay is read
     "truncated-replay": ("replay", "truncated replay", {"replay", "concurrency", "other-caller"}),
+    # so do a replayed Set-Cookie (rule 16) and headers left out of the replay (rule 15)
+    "cookie-replayed": ("replay", "Set-Cookie", {"replay", "concurrency", "other-caller"}),
+    "headers-dropped": (
+        "replay",
+        "headers not replayed: link",
+        {"replay", "concurrency", "other-caller"},
+    ),
 }
 
 

@@ -12,16 +12,19 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 import signal
 import subprocess
 import sys
 import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from check_servers import Counting, PaymentsApp, header, read_body, respond
-from servers import Receive, Scope, Send, free_port, serve_in_thread
+from servers import ASGIApp, Receive, Scope, Send, free_port, serve_in_thread
 
 from retrysafe import IdempotencyMiddleware
 from retrysafe.check import plan as check_plan
@@ -324,3 +327,164 @@ def test_ctrl_c_mid_run_keeps_the_report_of_the_checks_done(tmp_path: Path) -> N
     assert interrupted[0]["requests"] >= 1  # what it had sent is counted
     assert out.rstrip().endswith(": INCOMPLETE")
     assert_one_line(err, f"{interrupted[0]['id']}: interrupted before it finished")
+
+
+async def trickles(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers at once, then sends its body a byte every 50 ms for 3 s: each read is quick,
+    the answer is not."""
+    if scope["type"] != "http":
+        return
+    await read_body(receive)
+    await send({"type": "http.response.start", "status": 201, "headers": []})
+    with contextlib.suppress(OSError):
+        for _ in range(60):
+            await send({"type": "http.response.body", "body": b" ", "more_body": True})
+            await asyncio.sleep(0.05)
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_an_answer_trickled_past_the_timeout_is_cut_there(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--timeout bounds the whole answer, not each read: a trickled body is cut at 0.5 s."""
+    started = time.monotonic()
+    with serve_in_thread(trickles) as base:
+        status, _, err = run(
+            [base + "/x", "-d", DATA, "--yes", "--only", "replay", "--timeout", "0.5"], capsys
+        )
+        took = time.monotonic() - started
+    assert status == 2
+    assert_one_line(err, "first request (key A): no answer within 0.5 s (--timeout)")
+    assert took < 2.5, took
+
+
+async def endless(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers 40 MiB, a MiB at a time (an endless stream, as far as the checker cares)."""
+    if scope["type"] != "http":
+        return
+    await read_body(receive)
+    await send({"type": "http.response.start", "status": 201, "headers": []})
+    with contextlib.suppress(OSError):
+        for _ in range(40):
+            await send({"type": "http.response.body", "body": b"x" * (1 << 20), "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_an_answer_past_16_mib_is_not_read_further(capsys: pytest.CaptureFixture[str]) -> None:
+    """The checker reads at most 16 MiB of an answer: a bigger one fails, memory stays bounded."""
+    with serve_in_thread(endless) as base:
+        status, _, err = run([base + "/x", "-d", DATA, "--yes", "--only", "replay"], capsys)
+    assert status == 2
+    assert_one_line(err, "the answer is larger than 16 MiB")
+
+
+def deeply_nested(refusal: int) -> ASGIApp:
+    """Answers 201 to the request under a well-formed key (``...-A``), else ``refusal`` with a
+    problem+json body of 100 000 nested arrays, deeper than Python's JSON reader goes."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = await read_body(receive)
+        key = header(scope, b"idempotency-key") or b""
+        if re.search(rb"-[A-Z]$", key) and body == DATA.encode():
+            answer = json.dumps({"id": uuid.uuid4().hex}).encode()
+            await respond(send, 201, answer, [(b"content-type", b"application/json")])
+            return
+        problem = [(b"content-type", b"application/problem+json")]
+        await respond(send, refusal, b"[" * 100_000, problem)
+
+    return app
+
+
+@pytest.mark.parametrize(("refusal", "checks"), [(400, "malformed-key"), (422, "other-body")])
+def test_a_refusal_nested_too_deep_is_judged_not_a_traceback(
+    refusal: int, checks: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A refusal whose JSON nests deeper than Python reads is judged (not JSON), no traceback."""
+    report = tmp_path / "report.json"
+    with serve_in_thread(deeply_nested(refusal)) as base:
+        status, _, err = run(
+            [base + "/x", "-d", DATA, "--yes", "--only", f"{checks},problem-json",
+             "--json", str(report)],
+            capsys,
+        )  # fmt: skip
+    assert "Traceback" not in err
+    results = outcomes(json.loads(report.read_text()))
+    if refusal == 400:
+        assert status == 1
+        assert results["problem-json"] == "FAIL"
+    else:  # the 422 cannot be told from a refusal of the other body itself
+        assert status == 0
+        assert results["other-body"] == "SKIP"
+
+
+def test_a_password_in_the_url_is_masked_in_every_report(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """user:password@ in the URL is sent (Basic auth) but never printed nor written."""
+    seen: list[bytes | None] = []
+    layer = IdempotencyMiddleware(PaymentsApp(), store="memory://")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            seen.append(header(scope, b"authorization"))
+        await layer(scope, receive, send)
+
+    report, junit = tmp_path / "report.json", tmp_path / "report.xml"
+    with serve_in_thread(app) as base:
+        url = base.replace("http://", "http://alice:s3cr3t@") + "/v1/charges"
+        status, out, err = run(
+            [url, "-d", DATA, "--yes", "--only", "replay", "-v",
+             "--json", str(report), "--junit", str(junit)],
+            capsys,
+        )  # fmt: skip
+    assert status == 0, out + err
+    assert seen
+    assert all(value is not None and value.startswith(b"Basic ") for value in seen)
+    for text in (out, err, report.read_text(), junit.read_text()):
+        assert "s3cr3t" not in text
+    assert "http://alice:***@127.0.0.1" in out
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "Authorization: Bearer sk_live_secret\x01",
+        "Authorization: Bearer sk_live_secret\u20ac",
+        "Authorization Bearer sk_live_secret",
+        "Bearer sk_live_secret: x",
+    ],
+    ids=["control-char", "not-latin-1", "no-colon", "space-in-name"],
+)
+def test_a_refused_header_is_not_echoed(given: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A malformed -H or --second-auth is refused without printing its value (a credential)."""
+    for option in ("-H", "--second-auth"):
+        status, _, err = run([f"http://127.0.0.1:{free_port()}/x", option, given, "--yes"], capsys)
+        assert status == 2
+        assert "sk_live_secret" not in err, err
+        assert err.strip().splitlines()[-1].startswith("retrysafe check: "), err
+
+
+async def escapes_in_its_problem_type(scope: Scope, receive: Receive, send: Send) -> None:
+    """A layer whose 422 is right but whose problem type carries a terminal escape sequence."""
+    if scope["type"] != "http":
+        return
+    body = await read_body(receive)
+    if body == DATA.encode():
+        answer = json.dumps({"id": uuid.uuid4().hex}).encode()
+        await respond(send, 201, answer, [(b"content-type", b"application/json")])
+        return
+    problem = {"type": "\x1b]0;owned\x07\x1b[2Jurn:x:key-reused", "title": "reused",
+               "status": 422, "detail": "reused"}  # fmt: skip
+    headers = [(b"content-type", b"application/problem+json")]
+    await respond(send, 422, json.dumps(problem).encode(), headers)
+
+
+def test_the_servers_text_cannot_drive_the_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    """A problem type from the server is quoted in the report when it holds control characters."""
+    with serve_in_thread(escapes_in_its_problem_type) as base:
+        status, out, err = run([base + "/x", "-d", DATA, "--yes", "--only", "other-body"], capsys)
+    assert status == 0, out + err
+    assert "\x1b" not in out
+    assert "key-reused" in out

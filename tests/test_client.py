@@ -28,6 +28,8 @@ from client_servers import (
     refused_url,
     serve_protected,
     serve_tls,
+    serve_trickling,
+    tls_front,
 )
 from servers import poll_until
 
@@ -229,6 +231,51 @@ async def test_async_client_mints_a_key_per_call_on_redirects_and_resends(
     assert len(set(keys)) == 4
     assert proxy.keys() == keys
     assert stack.app.keys() == keys[1:]
+
+
+def test_a_request_sent_again_after_its_call_gave_up_keeps_its_key(
+    stack: Stack, clock: FakeClock
+) -> None:
+    """A call that ended in an exception (outcome unknown) left its key on the request: sending
+    ``exc.request`` again continues that operation (replayed, one charge); after an answer the
+    next send is a new call with a new key."""
+    with (
+        faulty_proxy(stack.url, ["lose", "lose"]) as proxy,
+        Client(retry=policy(clock, attempts=2), timeout=5) as client,
+    ):
+        request = client.build_request("POST", proxy.url + "/charge", json=CHARGE)
+        with pytest.raises(httpx.RemoteProtocolError) as caught:
+            client.send(request)
+        again = client.send(caught.value.request)
+        after = client.send(request)
+    gave_up = retry_info(caught.value)
+    assert gave_up is not None
+    lost = gave_up.key
+    assert lost is not None
+    assert (again.status_code, again.json(), info_of(again).replayed) == (201, {"charge": 1}, 1)
+    assert info_of(again).key == lost
+    assert info_of(after).key not in (None, lost)
+    assert stack.app.keys() == [lost, info_of(after).key]
+
+
+@pytest.mark.anyio
+async def test_async_client_keeps_the_key_of_a_call_that_gave_up(
+    stack: Stack, clock: FakeClock
+) -> None:
+    """``AsyncClient`` as ``Client``: the request of a call that ended unanswered is sent again
+    under its key, and replayed."""
+    with faulty_proxy(stack.url, ["lose"]) as proxy:
+        async with AsyncClient(retry=policy(clock, attempts=1), timeout=5) as client:
+            request = client.build_request("POST", proxy.url + "/charge", json=CHARGE)
+            with pytest.raises(httpx.RemoteProtocolError) as caught:
+                await client.send(request)
+            again = await client.send(request)
+    gave_up = retry_info(caught.value)
+    assert gave_up is not None
+    assert gave_up.key is not None
+    assert info_of(again).key == gave_up.key
+    assert info_of(again).replayed
+    assert stack.app.keys() == [info_of(again).key]
 
 
 # --- the retry table -------------------------------------------------------------------------
@@ -504,6 +551,31 @@ def test_a_call_starts_from_its_own_timeouts_not_those_cut_for_the_last_call(
     assert [timeouts["read"] for timeouts in transport.timeouts] == [5.0, 5.0, 1.25, 5.0]
 
 
+def test_deadline_stops_a_body_that_trickles_in() -> None:
+    """A body arriving a byte at a time (no read ever times out) is given up on at the
+    deadline with a ReadTimeout, not read for as long as the server likes."""
+    with serve_trickling(40, 0.1) as url, Client(retry=RetryPolicy(deadline=1.0)) as client:
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout) as caught:
+            client.post(url + "/charge", json=CHARGE)
+        took = time.monotonic() - started
+    assert took < 3.0, took  # the whole body takes 4 s
+    assert "gave up after 1 attempt(s) (deadline)" in "".join(caught.value.__notes__)
+
+
+@pytest.mark.anyio
+async def test_async_deadline_stops_a_body_that_trickles_in() -> None:
+    """``AsyncClient`` gives up on a trickling body at the deadline as ``Client`` does."""
+    with serve_trickling(40, 0.1) as url:
+        async with AsyncClient(retry=RetryPolicy(deadline=1.0)) as client:
+            started = time.monotonic()
+            with pytest.raises(httpx.ReadTimeout) as caught:
+                await client.post(url + "/charge", json=CHARGE)
+            took = time.monotonic() - started
+    assert took < 3.0, took
+    assert "gave up after 1 attempt(s) (deadline)" in "".join(caught.value.__notes__)
+
+
 def test_no_retry_is_started_with_almost_no_time_left(stack: Stack, clock: FakeClock) -> None:
     """A wait that would leave less than ``min_budget`` (0.5 s by default) before the deadline
     is not waited: the call stops with ``deadline`` at once instead of sleeping 9 s to send an
@@ -558,6 +630,28 @@ def test_idempotent_methods_are_retried_without_a_key(stack: Stack, clock: FakeC
     assert proxy.keys() == [None, None]
 
 
+def test_a_call_that_ends_in_an_error_tells_its_attempts_and_key(
+    stack: Stack, clock: FakeClock
+) -> None:
+    """``retry_info(error)`` of a call that gave up says what ``retry_info(response)`` says of
+    one that got an answer: its attempts, outcomes, why it stopped, and the key to send again."""
+    with (
+        faulty_proxy(stack.url, ["lose", "lose"]) as proxy,
+        Client(retry=policy(clock, attempts=2), timeout=5) as client,
+        pytest.raises(httpx.RemoteProtocolError) as caught,
+    ):
+        client.post(proxy.url + "/charge", json=CHARGE)
+    info = retry_info(caught.value)
+    assert info is not None
+    assert (info.attempts, info.stopped, info.outcomes) == (
+        2,
+        "attempts",
+        ("RemoteProtocolError",) * 2,
+    )
+    assert proxy.keys() == [info.key, info.key]
+    assert stack.app.keys() == [info.key]
+
+
 def test_connect_errors_are_retried_even_without_a_key(clock: FakeClock) -> None:
     """A request that never reached a server (connection refused) is always safe to send again,
     keyed or not; the last error is raised once the attempts are spent."""
@@ -603,6 +697,33 @@ async def test_async_client_does_not_retry_a_certificate_that_does_not_verify(
     assert "gave up after 1 attempt(s) (final)" in "".join(caught.value.__notes__)
     assert clock.sleeps == []
     assert tls.app.executions == []
+
+
+def test_a_tls_handshake_cut_short_is_retried(tmp_path: Path, clock: FakeClock) -> None:
+    """A connection closed mid TLS handshake (a load balancer draining) sent nothing and is
+    transient: retried, unlike a certificate that does not verify; the handler runs once."""
+    with serve_tls(tmp_path) as tls, tls_front(tls.url, drops=1) as front:
+        trusted = ssl.create_default_context(cafile=str(tls.ca))
+        with Client(retry=policy(clock), verify=trusted) as client:
+            response = client.post(front.url + "/charge", json=CHARGE)
+    info = info_of(response)
+    assert (response.status_code, info.attempts) == (201, 2)
+    assert info.outcomes == ("ConnectError", "201")
+    assert front.connections == 2
+    assert len(tls.app.executions) == 1
+
+
+@pytest.mark.anyio
+async def test_async_client_retries_a_tls_handshake_cut_short(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """``AsyncClient`` (anyio's TLS) retries a handshake cut short as ``Client`` does."""
+    with serve_tls(tmp_path) as tls, tls_front(tls.url, drops=1) as front:
+        trusted = ssl.create_default_context(cafile=str(tls.ca))
+        async with AsyncClient(retry=policy(clock), verify=trusted) as client:
+            response = await client.post(front.url + "/charge", json=CHARGE)
+    assert (response.status_code, info_of(response).outcomes) == (201, ("ConnectError", "201"))
+    assert len(tls.app.executions) == 1
 
 
 def test_one_shot_body_is_not_sent_twice(stack: Stack, clock: FakeClock) -> None:

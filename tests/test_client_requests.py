@@ -3,6 +3,8 @@ adapter, against the retrysafe middleware and the faulty proxy in front of it.""
 
 from __future__ import annotations
 
+import pickle
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,8 @@ from client_servers import (
     refused_url,
     serve_protected,
     serve_tls,
+    serve_trickling,
+    tls_front,
 )
 
 from retrysafe import RetryAdapter, RetryInfo, RetryPolicy, RetrySession, retry_info
@@ -218,3 +222,76 @@ def test_a_409_too_deep_or_too_long_to_be_the_in_progress_problem_is_final(
     assert info_of(waited).outcomes == ("409", "201")
     assert waited_body == b'{"charge": 1}'
     assert len(stack.app.executions) == 1
+
+
+def test_deadline_stops_a_body_that_trickles_in() -> None:
+    """A body arriving a byte at a time (no read ever times out) is given up on at the
+    deadline with a ReadTimeout, not read for as long as the server likes."""
+    with serve_trickling(40, 0.1) as url, RetrySession(retry=RetryPolicy(deadline=1.0)) as s:
+        started = time.monotonic()
+        with pytest.raises(requests.exceptions.ReadTimeout) as caught:
+            s.post(url + "/charge", json=CHARGE)
+        took = time.monotonic() - started
+    assert took < 3.0, took  # the whole body takes 4 s
+    assert "gave up after 1 attempt(s) (deadline)" in "".join(caught.value.__notes__)
+
+
+def test_a_tls_handshake_cut_short_is_retried(tmp_path: Path, clock: FakeClock) -> None:
+    """A connection closed mid TLS handshake (a load balancer draining) is transient: the
+    keyed call is retried, unlike a certificate that does not verify; the handler runs once."""
+    with (
+        serve_tls(tmp_path) as tls,
+        tls_front(tls.url, drops=1) as front,
+        RetrySession(retry=policy(clock)) as session,
+    ):
+        response = session.post(front.url + "/charge", json=CHARGE, verify=str(tls.ca))
+    info = info_of(response)
+    assert (response.status_code, info.outcomes) == (201, ("SSLError", "201"))
+    assert front.connections == 2
+    assert len(tls.app.executions) == 1
+
+
+def test_a_proxy_that_refuses_the_connection_is_retried(clock: FakeClock) -> None:
+    """A forward proxy refusing the connection (restarting) got nothing: retried, even
+    without a key, as a refused connection to the server is (and as the httpx face does)."""
+    unkeyed = policy(clock, key_methods=(), attempts=3)
+    with (
+        refused_url() as proxy,
+        RetrySession(retry=unkeyed) as session,
+        pytest.raises(requests.exceptions.ProxyError) as caught,
+    ):
+        session.post("http://api.invalid/charge", json=CHARGE, proxies={"http": proxy})
+    assert "gave up after 3 attempt(s) (attempts)" in "".join(caught.value.__notes__)
+    assert clock.sleeps == [0.25, 0.5]
+
+
+def test_a_pickled_session_keeps_its_policy_and_journal(
+    stack: Stack, clock: FakeClock, tmp_path: Path
+) -> None:
+    """A ``RetrySession`` survives pickling (requests sessions do): the copy still retries
+    with one key per call and names operations in the same journal."""
+    original = RetrySession(retry=RetryPolicy(attempts=3), journal=tmp_path / "keys.db")
+    with faulty_proxy(stack.url, [Answer(503)]) as proxy, pickle.loads(pickle.dumps(original)) as s:
+        response = s.post(proxy.url + "/charge", json=CHARGE, operation="order-1/charge")
+    info = info_of(response)
+    assert (response.status_code, info.attempts) == (201, 2)
+    assert original.journal is not None
+    assert info.key == original.journal.get("order-1/charge")
+    assert proxy.keys() == [info.key, info.key]
+
+
+def test_a_call_that_ends_in_an_error_tells_its_attempts_and_key(
+    stack: Stack, clock: FakeClock
+) -> None:
+    """``retry_info(error)`` of a call that gave up: its attempts, why it stopped, its key."""
+    with (
+        faulty_proxy(stack.url, ["lose", "lose"]) as proxy,
+        RetrySession(retry=policy(clock, attempts=2)) as session,
+        pytest.raises(requests.ConnectionError) as caught,
+    ):
+        session.post(proxy.url + "/charge", json=CHARGE, timeout=5)
+    info = retry_info(caught.value)
+    assert info is not None
+    assert (info.attempts, info.stopped) == (2, "attempts")
+    assert proxy.keys() == [info.key, info.key]
+    assert stack.app.keys() == [info.key]

@@ -38,14 +38,17 @@ def _header(text: str) -> tuple[str, str]:
     name, sep, value = text.partition(":")
     name = name.strip()
     if not sep or not _TOKEN.match(name):
-        raise argparse.ArgumentTypeError(f"write 'Name: value', not {text!r}")
+        # echoed only when it cannot be a credential run into the name
+        shown = repr(name[:40]) if sep and " " not in name else "a header without a name"
+        raise argparse.ArgumentTypeError(f"write 'Name: value', not {shown}")
     value = value.strip()
     try:
         value.encode("latin-1")
     except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(f"not a Latin-1 header value: {value!r}") from None
+        # the value is not echoed: it is often a credential
+        raise argparse.ArgumentTypeError(f"{name}: the value is not Latin-1 text") from None
     if _NOT_IN_VALUE.search(value):
-        raise argparse.ArgumentTypeError(f"control characters in the header value: {value!r}")
+        raise argparse.ArgumentTypeError(f"{name}: control characters in the header value")
     return name, value
 
 
@@ -170,7 +173,7 @@ def _is_json(body: bytes) -> bool:
 
     try:
         json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return True
 
@@ -268,7 +271,7 @@ def _confirmed(plan: Plan) -> bool:
             "check sends real requests: confirm with --yes (--dry-run shows the plan); nothing sent"
         )
     try:
-        answer = input(f"Send these {plan.requests} requests to {plan.target.url}? [y/N] ")
+        answer = input(f"Send these {plan.requests} requests to {plan.target.shown_url}? [y/N] ")
     except EOFError:
         answer = ""
     return answer.strip().lower() in {"y", "yes"}

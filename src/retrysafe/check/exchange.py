@@ -8,11 +8,26 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-__all__ = ["Exchange", "body_diff", "problem_defects", "same_answer"]
+__all__ = ["Exchange", "body_diff", "headers_not_replayed", "problem_defects", "same_answer"]
 
 REPLAYED_HEADER = "idempotent-replayed"
 COMPARED_HEADERS = ("content-type", "location", "etag")
-"""Headers a replay must carry as the original did (rule 16); the rest may legitimately vary."""
+"""Headers a replay must carry with the original's very value (rule 16). Of the others, a replay
+must carry every one the original had (:func:`headers_not_replayed`), but their values may
+legitimately vary where a proxy in front sets them per answer (a request id)."""
+NOT_REPLAYED = frozenset(
+    {
+        # rule 16's deny-list: hop-by-hop, Date, Set-Cookie
+        "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+        "upgrade", "proxy-authenticate", "proxy-authorization", "date", "set-cookie",
+        # framing, and what a server or a proxy outside the layer adds to each answer as it
+        # sees fit (a compressor compresses a stream but not a short body, say)
+        "content-length", "content-encoding", "vary", "server", "age", "via",
+        REPLAYED_HEADER,
+    }
+)  # fmt: skip
+"""Headers a replay may lack although the original had them; every other header of the
+original must come back in the replay, as many times (rule 15)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +51,10 @@ class Exchange:
                 return value
         return None
 
+    def values(self, name: str) -> list[str]:
+        """Every value of header ``name`` (lower case), in order."""
+        return [value for key, value in self.headers if key == name]
+
     @property
     def replayed(self) -> bool:
         """Whether the response says it is a replay (``Idempotent-Replayed: true``)."""
@@ -50,23 +69,44 @@ class Exchange:
         """``201 application/json 87 B, Idempotent-Replayed: true``: the evidence of one answer."""
         parts = [str(self.status)]
         if self.media_type:
-            parts.append(self.media_type)
+            parts.append(_shown(self.media_type))
         parts.append(f"{len(self.body)} B")
         text = " ".join(parts)
         if self.replayed:
             text += ", Idempotent-Replayed: true"
         retry_after = self.header("retry-after")
         if retry_after is not None:
-            text += f", Retry-After: {retry_after}"
+            text += f", Retry-After: {_shown(retry_after)}"
         return text
 
     def line(self) -> str:
         return f"{self.label}: {self.method} {self.target} -> {self.summary()}"
 
 
+def _shown(value: str) -> str:
+    """A header value as the report shows it: quoted when it holds what could drive a
+    terminal (HTTP allows bytes 0x80 to 0xff, and some servers send controls)."""
+    return value if value.isprintable() and value.isascii() else repr(value)
+
+
 def same_answer(a: Exchange, b: Exchange) -> bool:
     """Same status and byte-identical body."""
     return a.status == b.status and a.body == b.body
+
+
+def headers_not_replayed(original: Exchange, replay: Exchange) -> list[str]:
+    """The headers of ``original`` that ``replay`` lacks, or carries fewer times (rule 15:
+    stored headers come back, repeated ones included), leaving out :data:`NOT_REPLAYED`."""
+    missing = []
+    for name in dict.fromkeys(key for key, _ in original.headers):
+        if name in NOT_REPLAYED:
+            continue
+        had, has = len(original.values(name)), len(replay.values(name))
+        if has == 0:
+            missing.append(name)
+        elif has < had:
+            missing.append(f"{name} ({has} of {had})")
+    return missing
 
 
 def _excerpt(body: bytes, start: int, width: int = 24) -> str:
@@ -94,7 +134,7 @@ def problem_defects(exchange: Exchange) -> list[str]:
         return [f"Content-Type {exchange.media_type or 'missing'}, not application/problem+json"]
     try:
         document = json.loads(exchange.body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python reads
         return ["the body is not JSON"]
     if not isinstance(document, dict):
         return ["the body is not a JSON object"]

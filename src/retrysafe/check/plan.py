@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .exchange import COMPARED_HEADERS, Exchange, body_diff, problem_defects, same_answer
+from .exchange import (
+    COMPARED_HEADERS,
+    Exchange,
+    body_diff,
+    headers_not_replayed,
+    problem_defects,
+    same_answer,
+)
 
 if TYPE_CHECKING:
     from .runner import Context, Probe
@@ -73,6 +80,16 @@ class Outcome(enum.Enum):
     stops there, the checks after it are reported as not run, and the exit status is 2."""
 
 
+def _masked(url: str) -> str:
+    """``url`` with the password of its user information (``user:secret@``) masked."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
 @dataclass(frozen=True)
 class Target:
     """The endpoint and the request to check, and how hard the checker may push."""
@@ -96,6 +113,16 @@ class Target:
     only: frozenset[str] | None = None
 
     @property
+    def shown_url(self) -> str:
+        """The URL as reports show it: a password in it is masked."""
+        return _masked(self.url)
+
+    @property
+    def shown_origin(self) -> str:
+        parts = urlsplit(self.shown_url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @property
     def path(self) -> str:
         """The path and query the request goes to."""
         parts = urlsplit(self.url)
@@ -114,7 +141,7 @@ class Target:
             return None
         try:
             return json.loads(self.body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
 
     def reused_body(self) -> bytes:
@@ -259,8 +286,9 @@ def _cannot_see(what: str) -> str:
     return f"{what}, but executions answer identical bodies: a second execution would not show"
 
 
-def _judge_replay(first: Exchange, retry: Exchange, distinct: bool) -> Verdict:
+def _judge_replay(first: Exchange, retry: Exchange, context: Context) -> Verdict:
     """Whether ``retry`` is a faithful, marked replay of ``first`` (rules 15, 16)."""
+    distinct = context.distinct
     diff = body_diff(first.body, retry.body)
     if first.replayed:
         return Verdict(Outcome.FAIL, "the original response is marked Idempotent-Replayed")
@@ -292,6 +320,20 @@ def _judge_replay(first: Exchange, retry: Exchange, distinct: bool) -> Verdict:
                 f"the replay's {name} is {retry.header(name)!r}, the original's"
                 f" {first.header(name)!r}",
             )
+    # A cookie that differs from one execution to the next (the baseline's two did not both
+    # get it) and comes back in the replay was stored with the response (rule 16).
+    cookies = set(first.values("set-cookie")) & set(retry.values("set-cookie"))
+    if cookies - context.shared_cookies:
+        return Verdict(
+            Outcome.FAIL,
+            "the replay carries the original's Set-Cookie (rule 16: never stored nor replayed)",
+        )
+    missing = headers_not_replayed(first, retry)
+    if missing:
+        return Verdict(
+            Outcome.FAIL,
+            f"headers not replayed: {', '.join(missing)} (the original had them)",
+        )
     return Verdict(Outcome.PASS, "replayed byte for byte, marked Idempotent-Replayed: true")
 
 
@@ -299,7 +341,7 @@ def _problem_type(exchange: Exchange) -> str | None:
     """The ``type`` member of a JSON object body, whatever its Content-Type; else None."""
     try:
         document = json.loads(exchange.body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python reads
         return None
     if isinstance(document, dict) and isinstance(document.get("type"), str):
         kind: str = document["type"]
@@ -329,9 +371,11 @@ async def _judge_reuse(
         kind = _problem_type(reused)
         if kind is not None and kind.endswith(REUSED_TYPE):
             probe.problem(reused)
-            return Verdict(Outcome.PASS, f"same key with {what}: 422 {kind}, not executed")
+            # the server's text: shown as it is only when it cannot drive the terminal
+            shown = kind if kind.isprintable() and len(kind) <= 200 else repr(kind[:200])
+            return Verdict(Outcome.PASS, f"same key with {what}: 422 {shown}, not executed")
         fresh = await control()
-        named = f"type {kind!r}" if kind is not None else "no problem type"
+        named = f"type {kind[:200]!r}" if kind is not None else "no problem type"
         if fresh.status == 422:
             return Verdict(
                 Outcome.SKIP,
@@ -371,12 +415,15 @@ async def _baseline(context: Context, probe: Probe) -> Verdict:
     for exchange in (first, other):
         if not _ok(exchange):
             raise TargetError(
-                f"{exchange.method} {context.target.url} answered {exchange.summary()}: the checks"
-                " need a request that succeeds (give its body with --data, its credentials"
-                " with -H)"
+                f"{exchange.method} {context.target.shown_url} answered {exchange.summary()}:"
+                " the checks need a request that succeeds (give its body with --data, its"
+                " credentials with -H)"
             )
     context.first = first
     context.distinct = first.body != other.body
+    context.shared_cookies = frozenset(first.values("set-cookie")) & frozenset(
+        other.values("set-cookie")
+    )
     if context.distinct:
         return Verdict(
             Outcome.INFO,
@@ -393,7 +440,7 @@ async def _replay(context: Context, probe: Probe) -> Verdict:
     assert context.first is not None
     probe.note(context.first.line())
     retry = await probe.send("retry (key A)", key=context.key_a)
-    return _judge_replay(context.first, retry, context.distinct)
+    return _judge_replay(context.first, retry, context)
 
 
 async def _key_forms(context: Context, probe: Probe) -> Verdict:
@@ -407,7 +454,7 @@ async def _key_forms(context: Context, probe: Probe) -> Verdict:
     )
     if retry.status == 400:
         return Verdict(Outcome.FAIL, "the quoted key was refused (400): sf-string keys not read")
-    verdict = _judge_replay(context.first, retry, context.distinct)
+    verdict = _judge_replay(context.first, retry, context)
     if verdict.outcome is Outcome.PASS:
         return Verdict(Outcome.PASS, f'{name}: "A" replayed key A')
     return Verdict(Outcome.FAIL, f"the quoted key was taken for another key: {verdict.reason}")
@@ -432,7 +479,7 @@ async def _json_canonical(context: Context, probe: Probe) -> Verdict:
     )
     if retry.status == 422:
         return Verdict(Outcome.FAIL, "refused (422): JSON bodies compared byte for byte")
-    verdict = _judge_replay(context.first, retry, context.distinct)
+    verdict = _judge_replay(context.first, retry, context)
     if verdict.outcome is Outcome.PASS:
         return Verdict(Outcome.PASS, "the same JSON, reordered and re-spaced, replayed key A")
     return Verdict(Outcome.FAIL, verdict.reason, verdict.evidence)
@@ -466,7 +513,7 @@ async def _concurrency(context: Context, probe: Probe) -> Verdict:
         )
     (original,) = originals
     for answer in replays:
-        verdict = _judge_replay(original, answer, context.distinct)
+        verdict = _judge_replay(original, answer, context)
         if verdict.outcome is not Outcome.PASS:
             return Verdict(Outcome.FAIL, f"{answer.label}: {verdict.reason}", verdict.evidence)
     for answer in conflicts:
@@ -476,7 +523,7 @@ async def _concurrency(context: Context, probe: Probe) -> Verdict:
     follow = await probe.send("retry once all were answered", key=key)
     if follow.status == 409:
         return Verdict(Outcome.FAIL, "still 409 after every duplicate was answered")
-    verdict = _judge_replay(original, follow, context.distinct)
+    verdict = _judge_replay(original, follow, context)
     if verdict.outcome is not Outcome.PASS:
         return Verdict(Outcome.FAIL, f"the retry afterwards: {verdict.reason}", verdict.evidence)
     tally = f"1 execution, {len(conflicts)} x 409 with Retry-After, {len(replays)} replays"
@@ -597,7 +644,7 @@ async def _other_caller(context: Context, probe: Probe) -> Verdict:
         return Verdict(Outcome.FAIL, f"caller B's request answered {theirs.status}")
     if context.distinct and same_answer(theirs, again):
         return Verdict(Outcome.FAIL, "caller A's retry got caller B's response")
-    verdict = _judge_replay(mine, again, context.distinct)
+    verdict = _judge_replay(mine, again, context)
     if verdict.outcome is not Outcome.PASS:
         return Verdict(Outcome.FAIL, f"caller A's retry: {verdict.reason}", verdict.evidence)
     if not context.distinct:

@@ -39,7 +39,7 @@ def plan_text(plan: Plan, *, key_prefix: str) -> str:
     """What the run will send, stated before anything is sent."""
     target = plan.target
     lines = [
-        f"retrysafe check: {target.method} {target.url}",
+        f"retrysafe check: {target.method} {target.shown_url}",
         f"at most {_plural(plan.requests, 'request')}, {target.concurrency} at once, each with a"
         f" {target.timeout:g} s timeout; about {plan.executions} of them run the operation on a"
         " conforming API (a broken one runs more)",
@@ -113,7 +113,7 @@ def to_json(plan: Plan, results: Sequence[Result]) -> dict[str, Any]:
     target = plan.target
     planned = {p.check.id: p.requests for p in plan.checks}
     return {
-        "target": {"method": target.method, "url": target.url},
+        "target": {"method": target.method, "url": target.shown_url},
         "planned_requests": plan.requests,
         "requests": sum(result.requests for result in results),
         "summary": {outcome.value.lower(): counts[outcome] for outcome in Outcome},
@@ -146,7 +146,7 @@ def to_junit(plan: Plan, results: Sequence[Result]) -> str:
     suite = ET.SubElement(
         suites,
         "testsuite",
-        name=_xml(f"retrysafe check {plan.target.method} {plan.target.url}"),
+        name=_xml(f"retrysafe check {plan.target.method} {plan.target.shown_url}"),
         tests=str(len(results)),
         failures=str(counts[Outcome.FAIL]),
         skipped=str(counts[Outcome.SKIP]),

@@ -45,6 +45,8 @@ __all__ = [
 ]
 
 KEY_PREFIX = "retrysafe-check-"
+MAX_BODY = 16 << 20
+"""The most bytes of one answer the checker reads (decoded): beyond, the request fails."""
 USER_AGENT = "retrysafe-check"
 
 
@@ -59,6 +61,9 @@ class Context:
     distinct: bool = False
     """Whether two executions of the request answer different bodies, so that a second
     execution shows from outside. When False, the checks that need to see one skip."""
+    shared_cookies: frozenset[str] = frozenset()
+    """The ``Set-Cookie`` values both of the baseline's executions got: not per execution, so
+    one in a replay does not show that it was stored (a proxy in front may set it)."""
     problems: list[tuple[str, Exchange]] = field(default_factory=list)
     """Refusals seen with the expected status, for the ``problem-json`` check."""
     results: dict[str, Result] = field(default_factory=dict)
@@ -145,26 +150,7 @@ class Probe:
         content = (spec.body if body is None else body) if method not in {"GET", "HEAD"} else None
         async with session.slots:
             session.sent += 1
-            try:
-                response = await session.client.request(
-                    method, session.origin + path, content=content, headers=headers
-                )
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                raise TargetError(f"cannot connect to {session.origin}: {exc}") from None
-            except httpx.TimeoutException:
-                raise ProbeFailed(
-                    f"{label}: no answer within {spec.timeout:g} s (--timeout)"
-                ) from None
-            except httpx.TransportError as exc:
-                raise ProbeFailed(f"{label}: the connection failed: {exc!r}") from None
-            except httpx.HTTPError as exc:  # DecodingError: a body its Content-Encoding belies
-                raise TargetError(
-                    f"{label}: the answer cannot be read: {type(exc).__name__}: {exc}"
-                ) from None
-            except httpx.InvalidURL as exc:
-                raise TargetError(
-                    f"{label}: cannot send to {session.origin}{path}: {exc}"
-                ) from None
+            response, answer = await self._exchange(label, method, path, content, headers)
         exchange = Exchange(
             label=label,
             method=method,
@@ -174,10 +160,73 @@ class Probe:
                 (name.decode("latin-1").lower(), value.decode("latin-1"))
                 for name, value in response.headers.raw
             ),
-            body=response.content,
+            body=answer,
         )
         self.evidence.append(exchange.line())
         return exchange
+
+    async def _exchange(
+        self,
+        label: str,
+        method: str,
+        path: str,
+        content: bytes | None,
+        headers: list[tuple[bytes, bytes]],
+    ) -> tuple[httpx.Response, bytes]:
+        """One request and its whole answer, within ``--timeout`` from the first byte sent to
+        the last byte read (httpx's own timeouts bound each read, not the whole: an answer
+        trickled a byte at a time would never end) and at most :data:`MAX_BODY` bytes."""
+        session = self._session
+        spec = session.target
+        sent: list[bool] = []
+
+        async def trace(event: str, info: object) -> None:
+            if "send_request_headers" in event:
+                sent.append(True)
+
+        try:
+            async with asyncio.timeout(spec.timeout):
+                request = session.client.build_request(
+                    method,
+                    session.origin + path,
+                    content=content,
+                    headers=headers,
+                    extensions={"trace": trace},
+                )
+                response = await session.client.send(request, stream=True)
+                try:
+                    chunks: list[bytes] = []
+                    size = 0
+                    async for chunk in response.aiter_bytes():
+                        size += len(chunk)
+                        if size > MAX_BODY:
+                            raise ProbeFailed(
+                                f"{label}: the answer is larger than {MAX_BODY >> 20} MiB;"
+                                " not read further"
+                            )
+                        chunks.append(chunk)
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            if not sent:
+                raise TargetError(
+                    f"cannot connect to {spec.shown_origin}: no connection within"
+                    f" {spec.timeout:g} s (--timeout)"
+                ) from None
+            raise ProbeFailed(f"{label}: no answer within {spec.timeout:g} s (--timeout)") from None
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise TargetError(f"cannot connect to {spec.shown_origin}: {exc}") from None
+        except httpx.TimeoutException:
+            raise ProbeFailed(f"{label}: no answer within {spec.timeout:g} s (--timeout)") from None
+        except httpx.TransportError as exc:
+            raise ProbeFailed(f"{label}: the connection failed: {exc!r}") from None
+        except httpx.HTTPError as exc:  # DecodingError: a body its Content-Encoding belies
+            raise TargetError(
+                f"{label}: the answer cannot be read: {type(exc).__name__}: {exc}"
+            ) from None
+        except httpx.InvalidURL as exc:
+            raise TargetError(f"{label}: cannot send to {spec.shown_origin}{path}: {exc}") from None
+        return response, b"".join(chunks)
 
     async def send_many(self, label: str, count: int, *, key: str) -> list[Exchange]:
         """Send ``count`` copies at once (as at once as the concurrency bound allows).

@@ -12,6 +12,9 @@ Exceptions are classified for the policy like this::
         ProxyError, and a ConnectError caused by an
         ssl.SSLError (a certificate that does not
         verify, a failed handshake)                    fatal: never retried
+
+A ConnectError caused by a handshake cut short (``ssl.SSLEOFError``: the peer closed the
+connection, as a draining load balancer does) is not sent, and retried.
 """
 
 from __future__ import annotations
@@ -71,7 +74,14 @@ MINTED_KEY = "retrysafe.minted_key"
 """Request extension: the key the transport minted for this request's call. A request that
 arrives again carrying that key in its header (the same ``httpx.Request`` sent once more, or
 the request httpx builds to follow a redirect, which copies headers and extensions) is a new
-call: the stale key is dropped and a new one minted. A key the caller set is never touched."""
+call: the stale key is dropped and a new one minted. A key the caller set is never touched.
+Unless the call it was minted for ended in an exception (see :data:`_UNANSWERED`)."""
+
+_UNANSWERED = "retrysafe.unanswered_key"
+"""Request extension: the minted key of a call that ended in an exception, not a response.
+Its outcome is unknown (the server may have run it), so sending the request again
+(``client.send(exc.request)``) continues that operation with the same key: a new key would
+let the server run it a second time."""
 
 _CUT_TIMEOUTS = "retrysafe.cut_timeouts"
 """Request extension: (the call's timeouts, the ones its last attempt got, cut to the deadline)."""
@@ -99,11 +109,15 @@ def _failed(exc: httpx.TransportError) -> Failed:
     return Failed(reach, type(exc).__name__)
 
 
+_TLS_CUT_SHORT = (ssl.SSLEOFError, ssl.SSLZeroReturnError)
+"""The peer closed the connection during the handshake: transient, unlike a failed check."""
+
+
 def _tls_failure(exc: BaseException) -> bool:
-    """Whether an ``ssl.SSLError`` is among the causes of ``exc``: httpx raises its
-    ``ConnectError`` from httpcore's, which httpcore's pool re-raises ``from None`` (so the
-    link is the context, not the cause), with the ``ssl`` module's error as its argument and
-    context."""
+    """Whether an ``ssl.SSLError`` other than a handshake cut short is among the causes of
+    ``exc``: httpx raises its ``ConnectError`` from httpcore's, which httpcore's pool re-raises
+    ``from None`` (so the link is the context, not the cause), with the ``ssl`` module's error
+    (or anyio's ``EndOfStream`` raised from it) as its argument and context."""
     seen: set[int] = set()
     pending: list[BaseException] = [exc]
     while pending:
@@ -112,7 +126,7 @@ def _tls_failure(exc: BaseException) -> bool:
             continue
         seen.add(id(cause))
         if isinstance(cause, ssl.SSLError):
-            return True
+            return not isinstance(cause, _TLS_CUT_SHORT)
         linked = (cause.__cause__, cause.__context__, *cause.args)
         pending.extend(link for link in linked if isinstance(link, BaseException))
     return False
@@ -122,11 +136,14 @@ def _call(policy: RetryPolicy, request: httpx.Request) -> Call:
     """Give the request its key (unless it has one or its method takes none) and describe it.
 
     A key minted for an earlier call of this request (see :data:`MINTED_KEY`) is not kept:
-    each call mints its own."""
+    each call mints its own, unless that call ended unanswered (:data:`_UNANSWERED`)."""
     extensions = dict(request.extensions)
     minted = extensions.pop(MINTED_KEY, None)
+    unanswered = extensions.pop(_UNANSWERED, None)
     key = request.headers.get(policy.header)
-    if key is not None and key == minted:
+    if key is not None and key == unanswered:
+        extensions[MINTED_KEY] = key
+    elif key is not None and key == minted:
         del request.headers[policy.header]
         key = None
     if key is None and policy.wants_key(request.method):
@@ -137,6 +154,13 @@ def _call(policy: RetryPolicy, request: httpx.Request) -> Call:
     # Bodies given as bytes, str, JSON or a form are a ByteStream and can be sent again;
     # iterators, generators and multipart uploads are one-shot.
     return Call(request.method, key, replayable=isinstance(request.stream, httpx.ByteStream))
+
+
+def _unanswered(request: httpx.Request) -> None:
+    """Mark the request's minted key as its call's still (the call ends in an exception)."""
+    minted = request.extensions.get(MINTED_KEY)
+    if minted is not None:
+        request.extensions = {**request.extensions, _UNANSWERED: minted}
 
 
 def _answered(response: httpx.Response, body: bytes | None) -> Answered:
@@ -260,13 +284,32 @@ class _AsyncResumed(httpx.AsyncByteStream):
         await self.response.aclose()
 
 
+class _Deadline:
+    """When the attempt's time runs out, on the policy's clock (None: never). A body that
+    keeps trickling in never trips the read timeout (each read gets a byte in time), so the
+    reading loop asks this after every chunk."""
+
+    def __init__(self, policy: RetryPolicy, budget: float | None, request: httpx.Request) -> None:
+        self.clock = policy.clock
+        self.at = None if budget is None else self.clock.monotonic() + budget
+        self.request = request
+
+    def check(self) -> None:
+        """Raise ``httpx.ReadTimeout`` once the deadline has passed."""
+        if self.at is not None and self.clock.monotonic() > self.at:
+            raise httpx.ReadTimeout(
+                "retrysafe: the deadline passed while the response body was read",
+                request=self.request,
+            )
+
+
 def _read(
-    response: httpx.Response, *, whole: bool, check: bool
+    response: httpx.Response, *, whole: bool, check: bool, deadline: _Deadline
 ) -> tuple[httpx.Response, bytes | None]:
     """Read the body as the loop needs it: all of it (``whole``), or, for the in-progress
     ``check`` alone, no more than one byte past ``PROBLEM_BODY_LIMIT`` (a longer body is
-    handed on streaming: the bytes read, then the rest). Returns the response to hand on
-    and the decoded body for the check (None when not checking)."""
+    handed on streaming: the bytes read, then the rest), within the ``deadline``. Returns
+    the response to hand on and the decoded body for the check (None when not checking)."""
     already = _already_read(response)
     if already is not None:  # nothing left to read: the response is handed on as it is
         return response, already[: PROBLEM_BODY_LIMIT + 1] if check else None
@@ -279,6 +322,7 @@ def _read(
             size += len(chunk)
             if not whole and size > PROBLEM_BODY_LIMIT:
                 return _rebuilt(response, _Resumed(head, raw, response)), None
+            deadline.check()
     except BaseException:
         response.close()
         raise
@@ -289,7 +333,7 @@ def _read(
 
 
 async def _aread(
-    response: httpx.Response, *, whole: bool, check: bool
+    response: httpx.Response, *, whole: bool, check: bool, deadline: _Deadline
 ) -> tuple[httpx.Response, bytes | None]:
     """:func:`_read` for async responses."""
     already = _already_read(response)
@@ -304,6 +348,7 @@ async def _aread(
             size += len(chunk)
             if not whole and size > PROBLEM_BODY_LIMIT:
                 return _rebuilt(response, _AsyncResumed(head, raw, response)), None
+            deadline.check()
     except BaseException:
         await response.aclose()
         raise
@@ -320,6 +365,7 @@ def _finish(
         response.extensions["retrysafe"] = info
         return response
     assert error is not None
+    error.retrysafe = info  # type: ignore[attr-defined]  # for retry_info(error)
     error.add_note(
         f"retrysafe: gave up after {info.attempts} attempt(s) ({info.stopped}): "
         f"{', '.join(info.outcomes)}; Idempotency-Key {info.key or '(none)'}"
@@ -365,6 +411,7 @@ class RetryTransport(httpx.BaseTransport):
                     continue
                 assert isinstance(step, Attempt)
                 _budgeted(request, timeouts, step.budget)
+                deadline = _Deadline(policy, step.budget, request)
                 response = error = None
                 outcome: Outcome
                 try:
@@ -373,17 +420,20 @@ class RetryTransport(httpx.BaseTransport):
                     content_type = response.headers.get("content-type")
                     check = policy.needs_body(response.status_code, content_type)
                     if read_body or check:
-                        response, body = _read(response, whole=read_body, check=check)
+                        response, body = _read(
+                            response, whole=read_body, check=check, deadline=deadline
+                        )
                     outcome = _answered(response, body)
                 except httpx.TransportError as exc:
                     response, error = None, exc
                     outcome = _failed(exc)
                 step = advance(plan, outcome)
+            return _finish(step, response, error)
         except BaseException:
             if response is not None:
                 response.close()
+            _unanswered(request)
             raise
-        return _finish(step, response, error)
 
     def close(self) -> None:
         self.transport.close()
@@ -421,6 +471,7 @@ class AsyncRetryTransport(httpx.AsyncBaseTransport):
                     continue
                 assert isinstance(step, Attempt)
                 _budgeted(request, timeouts, step.budget)
+                deadline = _Deadline(policy, step.budget, request)
                 response = error = None
                 outcome: Outcome
                 try:
@@ -429,17 +480,20 @@ class AsyncRetryTransport(httpx.AsyncBaseTransport):
                     content_type = response.headers.get("content-type")
                     check = policy.needs_body(response.status_code, content_type)
                     if read_body or check:
-                        response, body = await _aread(response, whole=read_body, check=check)
+                        response, body = await _aread(
+                            response, whole=read_body, check=check, deadline=deadline
+                        )
                     outcome = _answered(response, body)
                 except httpx.TransportError as exc:
                     response, error = None, exc
                     outcome = _failed(exc)
                 step = advance(plan, outcome)
+            return _finish(step, response, error)
         except BaseException:
             if response is not None:
                 await response.aclose()
+            _unanswered(request)
             raise
-        return _finish(step, response, error)
 
     async def aclose(self) -> None:
         await self.transport.aclose()

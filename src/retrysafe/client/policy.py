@@ -209,7 +209,9 @@ class RetryInfo:
 
 
 def retry_info(response: object) -> RetryInfo | None:
-    """The :class:`RetryInfo` of a response from a retrysafe client (httpx or requests)."""
+    """The :class:`RetryInfo` of a response from a retrysafe client (httpx or requests), or of
+    the exception a call ended with (its ``retrysafe`` attribute): how many attempts it made
+    and the key they carried, which a later run of the same operation must send again."""
     extensions = getattr(response, "extensions", None)
     info = extensions.get("retrysafe") if isinstance(extensions, dict) else None
     if info is None:
@@ -238,7 +240,9 @@ class RetryPolicy:
     deadline: float | None = 60.0
     """Seconds from the start of the first attempt, on the clock's ``monotonic`` time (waits
     and the time spent in attempts alike), after which no attempt starts (None: no deadline).
-    Each attempt's timeouts are cut to the time left."""
+    Each attempt's timeouts are cut to the time left, and a body the driver reads in the loop
+    that is still coming in at the deadline is given up on (a read timeout): a long download
+    wants ``stream()`` (read outside the loop) or a longer deadline."""
     min_budget: float = 0.5
     """A retry is not started with less than this many seconds left before the deadline (it
     would only time out): the loop stops with ``deadline`` instead of waiting for it."""

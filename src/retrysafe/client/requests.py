@@ -5,15 +5,22 @@ operations). The decisions are :mod:`retrysafe.client.policy`'s, as for httpx.
 Exceptions are classified for the policy like this::
 
     requests.RequestException
-    ├── ConnectTimeout, ConnectionError from a failed connect  not sent: always retried
+    ├── ConnectTimeout, ConnectionError from a failed connect,
+    │   ProxyError from a failed connect to the proxy          not sent: always retried
     ├── ReadTimeout, ChunkedEncodingError, other
-    │   ConnectionError (reset, closed without a response)     maybe sent: if keyed or idempotent
+    │   ConnectionError (reset, closed without a response),
+    │   SSLError from a TLS session cut short (an EOF)         maybe sent: if keyed or idempotent
     └── SSLError, ProxyError, InvalidURL, ... (anything else)  fatal: never retried
+
+urllib3 does not tell a handshake cut short from a TLS session cut short later (both are
+``ssl.SSLEOFError``), hence "maybe sent"; a certificate that does not verify stays fatal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import ssl
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -41,15 +48,48 @@ from .policy import (
 __all__ = ["INFO_ATTRIBUTE", "RetryAdapter", "RetrySession", "Session"]
 
 INFO_ATTRIBUTE = "retrysafe"
-"""The response attribute holding the call's :class:`RetryInfo` (``retry_info(response)``)."""
+"""The attribute holding the call's :class:`RetryInfo` on its response, or on the exception it
+ended with (``retry_info(response)``, ``retry_info(error)``)."""
+
+
+_NOT_CONNECTED = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
+
+
+def _links(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it wraps: causes, contexts, arguments, and urllib3's
+    ``reason`` (``MaxRetryError``) and ``original_error`` (``ProxyError``)."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        link = pending.pop()
+        if id(link) in seen:
+            continue
+        seen.add(id(link))
+        yield link
+        linked = (
+            link.__cause__,
+            link.__context__,
+            getattr(link, "reason", None),
+            getattr(link, "original_error", None),
+            *link.args,
+        )
+        pending.extend(item for item in linked if isinstance(item, BaseException))
 
 
 def _failed(exc: requests.RequestException) -> Failed:
     label = type(exc).__name__
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return Failed(Reach.NOT_SENT, label)
-    if isinstance(exc, requests.exceptions.SSLError | requests.exceptions.ProxyError):
-        return Failed(Reach.FATAL, label)
+    if isinstance(exc, requests.exceptions.ProxyError):
+        # "Unable to connect to proxy": refused or timed out, nothing left this host
+        connect = any(isinstance(link, _NOT_CONNECTED) for link in _links(exc))
+        return Failed(Reach.NOT_SENT if connect else Reach.FATAL, label)
+    if isinstance(exc, requests.exceptions.SSLError):
+        # cut short (the peer closed the connection) is transient; any other TLS error not
+        cut = any(
+            isinstance(link, ssl.SSLEOFError | ssl.SSLZeroReturnError) for link in _links(exc)
+        )
+        return Failed(Reach.MAYBE_SENT if cut else Reach.FATAL, label)
     if isinstance(exc, requests.exceptions.ConnectionError):
         reason = exc.args[0] if exc.args else None
         if isinstance(reason, urllib3.exceptions.MaxRetryError):
@@ -137,15 +177,86 @@ class _Prefixed:
         yield from self._raw.stream(amt, decode_content=True)
 
 
-def _read_problem(response: requests.Response) -> bytes:
+class _Deadline:
+    """When the attempt's time runs out, on the policy's clock (None: never). A body that
+    keeps trickling in never trips the read timeout (each read gets a byte in time), so the
+    reading loop asks this after every chunk."""
+
+    def __init__(self, policy: RetryPolicy, budget: float | None) -> None:
+        self.clock = policy.clock
+        self.at = None if budget is None else self.clock.monotonic() + budget
+
+    def check(self, response: requests.Response) -> None:
+        """Raise ``requests.ReadTimeout`` once the deadline has passed."""
+        if self.at is not None and self.clock.monotonic() > self.at:
+            raise requests.exceptions.ReadTimeout(
+                "retrysafe: the deadline passed while the response body was read",
+                request=response.request,
+                response=response,
+            )
+
+
+class _Arriving:
+    """``response.raw`` whose ``stream()`` hands on the bytes as they arrive (urllib3's
+    ``read1``), where urllib3 would block until a whole chunk's worth came: so a body that
+    trickles in is seen trickling, and the deadline checked between the pieces. Chunked
+    bodies already come a chunk at a time. Any other attribute is the urllib3 response's."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+    def stream(
+        self, amt: int | None = 2**16, decode_content: bool | None = None
+    ) -> Iterator[bytes]:
+        read1 = getattr(self._raw, "read1", None)  # urllib3 >= 2.3
+        if read1 is None or getattr(self._raw, "chunked", False):
+            yield from self._raw.stream(amt, decode_content=decode_content)
+            return
+        while data := read1(amt, decode_content=decode_content):
+            yield data
+
+
+@contextlib.contextmanager
+def _arriving(response: requests.Response) -> Iterator[None]:
+    """Within: ``response.iter_content`` hands on bytes as they arrive (see :class:`_Arriving`)."""
+    raw = response.raw
+    response.raw = _Arriving(raw)
+    try:
+        yield
+    finally:
+        if isinstance(response.raw, _Arriving):  # not replaced meanwhile (see _read_problem)
+            response.raw = raw
+
+
+def _read_content(response: requests.Response, deadline: _Deadline) -> bytes:
+    """``response.content``, read within the ``deadline`` (``iter_content`` still turns
+    urllib3's errors into requests' own)."""
+    chunks: list[bytes] = []
+    with _arriving(response):
+        for chunk in response.iter_content(requests.models.CONTENT_CHUNK_SIZE):
+            chunks.append(chunk)
+            deadline.check(response)
+    content = b"".join(chunks)
+    response._content = content  # what ``response.content`` returns from now on
+    response._content_consumed = True  # type: ignore[attr-defined]
+    return content
+
+
+def _read_problem(response: requests.Response, deadline: _Deadline) -> bytes:
     """The body of a streamed response, for the in-progress check: no more than
     ``PROBLEM_BODY_LIMIT`` + 1 bytes are read; a longer body stays streamed, whole."""
     head = bytearray()
-    for chunk in response.iter_content(8192):
-        head += chunk
-        if len(head) > PROBLEM_BODY_LIMIT:
-            response.raw = _Prefixed(bytes(head), response.raw)
-            return bytes(head)
+    raw = response.raw
+    with _arriving(response):
+        for chunk in response.iter_content(8192):
+            head += chunk
+            if len(head) > PROBLEM_BODY_LIMIT:
+                response.raw = _Prefixed(bytes(head), raw)
+                return bytes(head)
+            deadline.check(response)
     response._content = bytes(head)  # read to its end: what ``response.content`` returns
     response._content_consumed = True  # type: ignore[attr-defined]
     return bytes(head)
@@ -159,6 +270,9 @@ class RetryAdapter(requests.adapters.HTTPAdapter):
     Bodies are read inside the retry loop (unless the call is ``stream=True``), so a
     response lost mid-body is retried too. urllib3's own retries stay off.
     """
+
+    # What pickling keeps (requests' own scheme): the policy too, or a copy could not send.
+    __attrs__: list[str] = [*requests.adapters.HTTPAdapter.__attrs__, "policy"]  # noqa: RUF012
 
     def __init__(self, *, policy: RetryPolicy | None = None, **options: Any) -> None:
         if options.get("max_retries", 0) != 0:
@@ -190,6 +304,7 @@ class RetryAdapter(requests.adapters.HTTPAdapter):
                     step = advance(plan, None)
                     continue
                 assert isinstance(step, Attempt)
+                deadline = _Deadline(policy, step.budget)
                 response = error = None
                 outcome: Outcome
                 try:
@@ -204,11 +319,11 @@ class RetryAdapter(requests.adapters.HTTPAdapter):
                     body: bytes | None = None
                     content_type = response.headers.get("content-type")
                     check = policy.needs_body(response.status_code, content_type)
-                    if not stream:
-                        content = response.content  # kept: the session will not read it again
+                    if not stream:  # kept: the session will not read it again
+                        content = _read_content(response, deadline)
                         body = content[: PROBLEM_BODY_LIMIT + 1] if check and content else None
                     elif check:
-                        body = _read_problem(response)
+                        body = _read_problem(response, deadline)
                     outcome = _answered(response, body)
                 except requests.RequestException as exc:
                     if response is not None:
@@ -224,6 +339,7 @@ class RetryAdapter(requests.adapters.HTTPAdapter):
             setattr(response, INFO_ATTRIBUTE, step)
             return response
         assert error is not None
+        setattr(error, INFO_ATTRIBUTE, step)  # for retry_info(error)
         error.add_note(
             f"retrysafe: gave up after {step.attempts} attempt(s) ({step.stopped}): "
             f"{', '.join(step.outcomes)}; Idempotency-Key {step.key or '(none)'}"
@@ -235,6 +351,9 @@ class Session(requests.Session):
     """``requests.Session`` with a :class:`RetryAdapter` on ``http://`` and ``https://``, and
     ``operation=`` on ``request``, ``post`` and ``patch`` for the key ``journal`` (a
     :class:`KeyJournal` or the path of its file)."""
+
+    # What pickling keeps (requests' own scheme): the policy and the journal too.
+    __attrs__: list[str] = [*requests.Session.__attrs__, "retry", "journal"]  # noqa: RUF012
 
     def __init__(
         self,
