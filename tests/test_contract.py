@@ -1350,6 +1350,7 @@ def test_a_string_where_names_are_expected_is_refused(option: str) -> None:
         ("wait", math.nan),
         ("wait", -1.0),
         ("lease", math.inf),
+        ("lease", 1e300),
         ("lease", math.nan),
         ("lease", 0.0),
         ("ttl", math.nan),
@@ -1357,7 +1358,7 @@ def test_a_string_where_names_are_expected_is_refused(option: str) -> None:
     ],
 )
 def test_times_that_would_break_the_contract_are_refused(option: str, value: float) -> None:
-    """A NaN wait, an endless lease (a stuck key) or a NaN ttl is a ConfigError at start-up."""
+    """A NaN wait, an endless or absurd lease (a stuck key) or a NaN ttl is a ConfigError."""
     options: dict[str, Any] = {option: value}
     with pytest.raises(ConfigError, match=option):
         IdempotencyMiddleware(Counting(), store="memory://", **options)

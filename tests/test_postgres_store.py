@@ -227,6 +227,22 @@ async def test_initialize_is_idempotent(pg_url: str) -> None:
             await handle.aclose()
 
 
+async def test_initialize_on_a_live_ledger_waits_for_no_open_transaction(pg_url: str) -> None:
+    """`store init` on a ledger whose row an app's open transaction marked neither blocks
+    (its CREATE INDEX queued behind that transaction) nor holds back the claims behind it."""
+    url = with_options(pg_url, timeout=1)
+    async with opened(url) as store, opened(url) as init, admin() as app:
+        r, t = rid(), token()
+        assert await store.claim(r, t, FP, LONG, LONG) is None
+        async with app.transaction():
+            status = await app.execute(store.mark_statement("numeric_dollar"), r, t, LONG)
+            assert status == "UPDATE 1"
+            initializing = asyncio.ensure_future(init.initialize())
+            assert await store.claim(rid(), token(), FP, LONG, LONG) is None
+            await initializing
+        assert (await store.get(r)) is not None
+
+
 async def test_a_newer_schema_is_refused(pg_url: str) -> None:
     """A table stamped with a newer schema version is StoreUnavailable, for use and for init."""
     table = table_of(pg_url)
@@ -279,6 +295,42 @@ async def test_a_hundred_tasks_on_a_pool_of_two_all_finish_with_one_winner_per_k
             record = await store.get(r)
             assert record is not None
             assert (record.token, record.state) == (winners[0], State.DONE)
+
+
+async def test_a_takeover_that_waited_for_a_row_lock_gets_a_whole_lease(pg_url: str) -> None:
+    """A claim that waits for the old holder's row lock (its marking transaction outlived the
+    lease, then rolled back) gets its lease from when it writes, not from before the wait."""
+    lease = 1.0
+    table = table_of(pg_url)
+
+    async def waiting_for_the_row() -> bool:
+        async with admin() as conn:
+            return bool(
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND position($1 in query) > 0",
+                    f'"{table}"',
+                )
+            )
+
+    async with opened(pg_url) as store, admin() as app:
+        r = rid()
+        assert await store.claim(r, 1, FP, lease, LONG) is None
+        effect = app.transaction()
+        await effect.start()
+        status = await app.execute(store.mark_statement("numeric_dollar"), r, 1, LONG)
+        assert status == "UPDATE 1"
+        await asyncio.sleep(lease + 0.1)  # the holder's lease runs out under its own lock
+        taking = asyncio.ensure_future(store.claim(r, 2, FP, lease, LONG))
+        await eventually(waiting_for_the_row, "the claim to wait for the row's lock")
+        await asyncio.sleep(0.5)
+        before = await app.fetchval("SELECT date_part('epoch', clock_timestamp())")
+        await effect.rollback()  # the effect failed: the key may be taken over
+        assert await taking is None
+        record = await store.get(r)
+        assert record is not None
+        assert record.token == 2
+        assert record.lease_until >= before + lease  # the wait did not eat into the lease
 
 
 async def test_the_claim_race_always_answers_one_winner_and_the_record(pg_url: str) -> None:
@@ -509,6 +561,75 @@ async def test_waiters_are_woken_when_the_listener_is_lost(pg_url: str) -> None:
         await eventually(lambda: watched(table, r), "the waiter to mark the record")
         await terminate([pid for pid, query in await backends(name) if query.startswith("LISTEN")])
         await waiting
+
+
+class FlowRelay:
+    """A TCP relay on the test's own loop whose flows can each go silent: their bytes are
+    dropped both ways and nothing is closed (a NAT or firewall that forgot one idle flow)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.flows: list[dict[str, Any]] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> FlowRelay:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for flow in self.flows:
+            for writer in flow["writers"]:
+                writer.transport.abort()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream = await asyncio.open_connection(*self.target)
+        flow = {"silent": False, "closed": False, "writers": (writer, upstream)}
+        self.flows.append(flow)
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    if not flow["silent"]:
+                        sink.write(data)
+                        await sink.drain()
+            sink.transport.abort()
+            flow["closed"] = True
+
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(pump(reader, upstream), pump(upstream_reader, writer))
+
+
+async def _closed(flow: dict[str, Any]) -> bool:
+    return bool(flow["closed"])
+
+
+async def test_a_listener_whose_flow_went_silent_delays_no_waiter_and_is_replaced(
+    pg_url: str,
+) -> None:
+    """A listening connection that silently stops passing bytes: waiters still see completions
+    (by looking again), and the dead listener is found out and replaced."""
+    parts = urlsplit(pg_url)
+    async with FlowRelay(parts.hostname or "127.0.0.1", parts.port or 5432) as relay:
+        url = with_options(pg_url.replace(f":{parts.port}/", f":{relay.port}/"), timeout=1)
+        table = table_of(pg_url)
+        async with opened(url) as waiter, opened(pg_url) as holder:
+            for round_ in range(3):
+                r, t = rid(), token()
+                assert await holder.claim(r, t, FP, LONG, LONG) is None
+                waiting = asyncio.ensure_future(asyncio.wait_for(waiter.wait(r, 30), timeout=10))
+                await eventually(functools.partial(watched, table, r), "the waiter to mark it")
+                assert await holder.complete(r, t, State.DONE, b"resp", LONG)
+                await waiting  # well before the lease (60 s) or the wait (30 s) ends
+                if round_ == 0:
+                    listener = relay.flows[0]  # a waiter listens before it marks the record
+                    listener["silent"] = True
+                    assert await waiter.get(r) is not None  # the pool's flow still passes
+                if round_ == 1:
+                    await eventually(functools.partial(_closed, listener), "it to be dropped")
 
 
 # -- failures and recovery --------------------------------------------------------------------

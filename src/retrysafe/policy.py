@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -21,6 +20,9 @@ __all__ = [
 ]
 
 UNSTORED_4XX = frozenset({408, 409, 423, 425, 429})
+
+MAX_LEASE = 1e9
+"""The longest ``lease`` (about 31 years): longer ones only overflow time arithmetic."""
 
 MAX_STORED_RESPONSE = 256 << 20
 """The largest ``max_response_body``: every ledger keeps a record this large as one value."""
@@ -82,9 +84,12 @@ class Policy:
     def __post_init__(self) -> None:
         if not self.ttl > 0:  # NaN fails too; an infinite ttl keeps outcomes for good
             raise ConfigError("ttl must be a positive number of seconds")
-        if not 0 < self.lease < math.inf:
-            # A dead holder's key would never be taken over: a stuck key.
-            raise ConfigError("lease must be a positive, finite number of seconds")
+        if not 0 < self.lease <= MAX_LEASE:
+            # A dead holder's key would never be taken over: a stuck key. (And a lease near
+            # the float limit overflows the ledgers' time arithmetic.)
+            raise ConfigError(
+                f"lease must be a positive, finite number of seconds (at most {MAX_LEASE:g})"
+            )
         if not self.wait >= 0:
             raise ConfigError("wait must be >= 0 seconds")
         for name in ("max_request_body", "max_response_body"):

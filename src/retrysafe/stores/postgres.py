@@ -370,6 +370,7 @@ class _Listener:
         self.connecting: asyncio.Task[bool] | None = None
         self.retry_at = 0.0
         self.waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self.probing: asyncio.Task[None] | None = None
 
     def connections(self) -> list[_Connection]:
         return [] if self.conn is None else [self.conn]
@@ -433,6 +434,26 @@ class _Listener:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def probe(self) -> None:
+        """A notification seems lost: check, in the background, that the listening
+        connection still answers, and end it if not (its waiters are woken; the next wait
+        connects again). A flow a NAT or firewall dropped while idle looks open forever."""
+        conn = self.conn
+        if conn is None or conn.is_closed() or self.probing is not None:
+            return
+        self.probing = self.pool.loop.create_task(self._probe(conn))
+
+    async def _probe(self, conn: _Connection) -> None:
+        try:
+            await conn.execute("SELECT 1")  # bounded by the connection's command_timeout
+        except Exception as exc:
+            logger.warning(
+                "retrysafe: listening again after a failed check: %s", self.store.error(exc)
+            )
+            conn.terminate()  # its termination listener wakes the waiters (_lost)
+        finally:
+            self.probing = None
+
     def _lost(self, conn: object) -> None:
         """The connection ended: notifications may have been missed, so wake every waiter."""
         if conn is self.conn:
@@ -444,10 +465,11 @@ class _Listener:
                     waiter.set_result(None)
 
     async def close(self) -> None:
-        task, self.connecting = self.connecting, None
-        if task is not None:
+        tasks = [task for task in (self.connecting, self.probing) if task is not None]
+        self.connecting = self.probing = None
+        for task in tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         conn, self.conn = self.conn, None
         if conn is not None:
             await _close_quietly(conn, self.store.timeout)
@@ -467,6 +489,10 @@ class PostgresStore(Store):
 
     poll_interval = 0.1
     """How often waiters look again while notifications cannot be received."""
+    recheck_interval = 1.0
+    """How often a waiter looks at the record again while it waits for a notification: one
+    can be lost without the listening connection noticing (a NAT or firewall that dropped
+    its idle flow, a pooler in transaction mode), which bounds what such a loss costs."""
 
     def __init__(
         self,
@@ -537,6 +563,12 @@ class PostgresStore(Store):
         # claim simply runs again (CLAIM_ATTEMPTS at most, then StoreBusy). The alternative,
         # a DO UPDATE that always fires so that RETURNING yields the winner's row, would
         # write a dead tuple per loser.
+        #
+        # A takeover may first wait for the old row's lock (an app's marking transaction
+        # that outlived its lease, then rolled back): its lease starts when it writes
+        # (clock_timestamp(), read after the wait), not when the statement began, or the
+        # wait would be cut from the new holder's lease, which could end before its first
+        # renewal and let a third request take the key over while it runs.
         self._sql_claim = (
             f"WITH cur AS (SELECT {_CLAIMED_COLUMNS} FROM {t} WHERE rid = $1::bytea"
             f" AND expires_at > {_NOW}"
@@ -547,9 +579,10 @@ class PostgresStore(Store):
             " c.now + $5::float8, NULL, $6::bytea, c.now, false"
             f" FROM (SELECT {_NOW} AS now) AS c WHERE NOT EXISTS (SELECT FROM cur)"
             " ON CONFLICT (rid) DO UPDATE SET token = excluded.token, state = 0,"
-            " fingerprint = excluded.fingerprint, lease_until = excluded.lease_until,"
-            " expires_at = excluded.expires_at, response = NULL, scope = excluded.scope,"
-            " created_at = excluded.created_at, watched = false"
+            " fingerprint = excluded.fingerprint, (lease_until, expires_at, created_at) ="
+            " (SELECT k.now + $4::float8, k.now + $5::float8, k.now"
+            " FROM (SELECT date_part('epoch', clock_timestamp()) AS now) AS k),"
+            " response = NULL, scope = excluded.scope, watched = false"
             " WHERE r.expires_at <= excluded.created_at"
             " OR (r.state = 0 AND r.lease_until <= excluded.created_at)"
             " RETURNING true)"
@@ -803,9 +836,12 @@ class PostgresStore(Store):
                     await conn.execute(
                         f"COMMENT ON TABLE {t} IS {_literal(_COMMENT.format(SCHEMA_VERSION))}"
                     )
-                await conn.execute(
-                    f'CREATE INDEX IF NOT EXISTS "{self.table}_expiry" ON {t} (expires_at)'
-                )
+                # CREATE INDEX locks the table against writes before it looks whether the
+                # index exists: on a live ledger (`store init` again) it would queue behind any
+                # open transaction that wrote a row (an app's mark) and hold every claim back.
+                index = f'"{self.table}_expiry"'
+                if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", index):
+                    await conn.execute(f"CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at)")
         except (asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
             # Made by the transaction this one waited for: the lookup above could not see it
             # yet (an advisory lock does not refresh the catalog cache; a new transaction does).
@@ -965,7 +1001,8 @@ class PostgresStore(Store):
         The waiter listens (on the store's one listening connection), then marks the record
         ``watched`` so that its completion or release notifies: a record completed before
         the mark is found no longer in flight, and the wait ends at once. If notifications
-        cannot be received, it polls every :attr:`poll_interval` instead.
+        cannot be received, it polls every :attr:`poll_interval` instead; while it listens,
+        it still looks every :attr:`recheck_interval`, in case a notification was lost.
         """
         if timeout <= 0:
             return
@@ -985,9 +1022,17 @@ class PostgresStore(Store):
                         return await conn.fetchval(self._sql_watch, rid)
 
                     left = await self._run(op)
-                    if left is None:
-                        return  # completed, released, expired or taken over already
-                    await asyncio.wait([waiter], timeout=max(0.0, left) + 0.005)
+                    while left is not None:  # None: completed, released or lease ended
+                        every = self.recheck_interval
+                        await asyncio.wait([waiter], timeout=min(max(0.0, left) + 0.005, every))
+                        if waiter.done() or not left >= every:  # woken, or the lease ended
+                            return
+                        try:
+                            left = await self._run(op)
+                        except StoreUnavailable:
+                            return  # the engine looks again, and answers for the ledger
+                        if left is None and not waiter.done():
+                            listener.probe()  # changed, and no notification came
                 finally:
                     listener.unregister(key, waiter)
         except TimeoutError:
