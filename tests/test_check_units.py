@@ -21,7 +21,7 @@ def exchange(status: int, body: bytes, content_type: str = "application/problem+
 def test_plan_counts_every_request_before_sending() -> None:
     """The plan's total is the sum of its checks; options add checks, --only keeps baseline."""
     plain = make_plan(Target(URL))
-    assert plain.requests == sum(p.requests for p in plain.checks) == 26
+    assert plain.requests == sum(p.requests for p in plain.checks) == 28
     assert {p.check.id for p in plain.checks if p.skip} == {
         "other-caller", "5xx-released", "stuck-key", "ttl", "json-canonical"
     }  # fmt: skip
@@ -37,7 +37,7 @@ def test_plan_counts_every_request_before_sending() -> None:
         )
     )
     assert not any(p.skip for p in full.checks)
-    assert full.requests == 2 + 1 + 1 + 1 + 11 + 3 + 3 + 5 + 4 + 1 + 3 + 2 + 6 + 2
+    assert full.requests == 2 + 1 + 1 + 1 + 11 + 3 + 3 + 7 + 4 + 1 + 3 + 2 + 6 + 2
     only = make_plan(Target(URL, only=frozenset({"replay"})))
     assert [p.check.id for p in only.checks] == ["baseline", "replay"]
     assert [c.id for c in CHECKS][-1] == "problem-json"  # judges what the others saw

@@ -102,6 +102,13 @@ def test_bad_journal_settings_and_names_are_refused(journal_path: Path) -> None:
         KeyJournal(journal_path).key_for("")
 
 
+def test_a_new_journal_file_is_private_to_the_user(tmp_path: Path) -> None:
+    """A journal file created in an existing directory is mode 0600, whatever the umask allows."""
+    path = tmp_path / "keys.db"
+    KeyJournal(path).key_for(OPERATION)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
 def test_the_journal_creates_its_missing_directory(tmp_path: Path, stack: Stack) -> None:
     """A journal path in a directory that does not exist yet works: the directories are made
     (the last one private to the user), directly and through ``Client(journal=PATH)``."""

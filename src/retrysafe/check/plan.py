@@ -566,6 +566,8 @@ async def _malformed_key(context: Context, probe: Probe) -> Verdict:
         ("non-ASCII", [(name, probe.key("é").encode())]),
         ("two headers", [(name, probe.key("one").encode()), (name, probe.key("two").encode())]),
         ("a list", [(name, f"{probe.key('three')}, {probe.key('four')}".encode())]),
+        ("a broken quoted string", [(name, f'"{probe.key("quote")}'.encode())]),
+        ("a control character", [(name, f"{probe.key('tab')}\tx".encode())]),
     ]
     wrong = []
     for form, headers in forms:
@@ -829,10 +831,10 @@ CHECKS: tuple[Check, ...] = (
     ),
     Check(
         "malformed-key",
-        "empty, too long, non-ASCII, repeated, list: 400",
+        "empty, too long, non-ASCII, repeated, list, broken quote, control: 400",
         "4, 5",
         _malformed_key,
-        lambda target: 5,
+        lambda target: 7,
     ),
     Check("get-ignored", "a key on GET is ignored", "1", _get_ignored, lambda target: 4),
     Check(

@@ -87,6 +87,8 @@ class KeyJournal:
             try:
                 # A missing directory is created, private to the user: the file holds keys.
                 self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                # So is a new file (SQLite gives its -wal and -shm files the same mode).
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             except OSError as exc:
                 raise JournalError(f"key journal {self.path}: {exc}") from exc
         try:
