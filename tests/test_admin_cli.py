@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
@@ -318,7 +320,7 @@ def test_looking_at_a_file_that_is_no_ledger_changes_nothing(
             status, out, err = run_cli(capsys, *argv, "--store", url)
             assert status == 1, (argv, out, err)
             assert "no ledger table" in err
-            assert "retrysafe store init" in err
+            assert f"retrysafe store init {url}`" in err  # the URL to run, ?table= included
     assert path.read_bytes() == before  # no table, no WAL mode, no user_version
     assert not Path(f"{path}-wal").exists()
 
@@ -354,6 +356,31 @@ def test_store_init_creates_an_sqlite_ledger(
     status, out, err = run_cli(capsys, "stats", "--store", url, "--json")
     assert status == 0, err
     assert json.loads(out)["done"] == 0
+
+
+def test_a_ledger_in_a_missing_directory_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``store init`` of a file in a directory that does not exist names that directory."""
+    url = f"sqlite:///{tmp_path / 'sub' / 'dir' / 'x.db'}"
+    status, _, err = run_cli(capsys, "store", "init", url)
+    assert status != 0
+    assert f"the directory {tmp_path / 'sub' / 'dir'} does not exist" in err
+
+
+def test_a_reader_that_leaves_gets_no_traceback(tmp_path: Path) -> None:
+    """``retrysafe stats | head -0``: output to a closed pipe ends quietly (status 141)."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    assert subprocess.run([sys.executable, "-m", "retrysafe", "store", "init", url]).returncode == 0
+    with subprocess.Popen(
+        [sys.executable, "-m", "retrysafe", "stats", "--store", url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ) as command:  # fmt: skip
+        assert command.stdout is not None
+        assert command.stderr is not None
+        command.stdout.close()  # the reader left before the first line
+        err = command.stderr.read().decode()
+    assert (command.returncode, err) == (141, "")
 
 
 def test_a_cursor_of_no_page_is_refused(ledger: str, capsys: pytest.CaptureFixture[str]) -> None:

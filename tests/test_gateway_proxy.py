@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -352,6 +353,8 @@ def test_metrics_add_up_across_workers(upstream: Upstream, tmp_path: Path) -> No
         ("[idempotency\nttl = 1\n", 1, "not valid TOML"),
         ('[[routes]]\npath = "/x"\nstore_statuses = ["5xx"]\n', 3, "routes[1].store_statuses"),
         ("[gatway]\n", 1, "unknown section"),
+        ('[gateway]\nport = 65536\n', 2, "gateway.port: must be <= 65535"),
+        ('[gateway]\n\nstore = "sqlite:///x.db?foo=1"\n', 3, "gateway.store: "),
     ],
 )  # fmt: skip
 def test_config_errors_name_the_file_and_line(
@@ -377,6 +380,20 @@ def test_the_command_refuses_a_bad_config_with_status_2(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2
     assert f"{path}:3: routes[1].wait: expected a number" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "words"),
+    [
+        ({"store": "mysql://x"}, "--store: unknown store URL"),
+        ({"admin_prefix": "foo"}, "--admin-prefix: expected"),
+        ({"port": 99999}, "--port: must be <= 65535"),
+    ],
+)
+def test_flags_are_checked_as_the_files_settings_are(flag: dict[str, Any], words: str) -> None:
+    """A bad --store, --admin-prefix or --port is refused at start, named by its flag."""
+    with pytest.raises(ConfigError, match=words):
+        load_settings(None, upstream="http://127.0.0.1:9", **flag)
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:

@@ -349,7 +349,9 @@ async def _named_records(store: Store, args: argparse.Namespace) -> list[tuple[b
 
 def _check_named(args: argparse.Namespace) -> str | None:
     """Why the arguments do not name one record, or None."""
-    if (args.key is None) == (args.id is None):
+    if args.key is None and args.id is None:
+        return "name the record by KEY (and its caller's scope) or by --id"
+    if args.key is not None and args.id is not None:
         return "name the record by KEY (and its caller's scope) or by --id, not both"
     if args.scope is not None and (args.headers or args.scope_header or args.scope_cookie):
         # Either names the scope on its own: taking one silently could name another record.
@@ -521,4 +523,15 @@ def main(argv: list[str] | None = None) -> int:
     if run is None:
         parser.print_help(sys.stderr)
         return 2
-    return run(args)
+    try:
+        status = run(args)
+        sys.stdout.flush()  # here, where a reader that left is caught below
+        return status
+    except BrokenPipeError:
+        # The reader left (`retrysafe keys list | head`): not an error worth a traceback.
+        # What is still buffered for it can go nowhere, so stdout goes to /dev/null, where
+        # the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # as a shell reports a command ended by SIGPIPE

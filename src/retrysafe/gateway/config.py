@@ -20,6 +20,7 @@ from ..engine import DEFAULT_NAMESPACE, DEFAULT_STORE
 from ..errors import ConfigError
 from ..policy import DEFAULT_DENIED_HEADERS, PolicyOptions, Route, default_store_status
 from ..problems import DEFAULT_PROBLEM_BASE
+from ..stores import open_store
 
 __all__ = [
     "UPSTREAM_FAILURE",
@@ -215,12 +216,14 @@ def _number(minimum: float = 0.0, *, positive: bool = False) -> _Checker:
     return check
 
 
-def _integer(minimum: int = 0) -> _Checker:
+def _integer(minimum: int = 0, maximum: int | None = None) -> _Checker:
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"expected a whole number, got {value!r}")
         if value < minimum:
             raise ValueError(f"must be >= {minimum}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be <= {maximum}, got {value!r}")
         return value
 
     return check
@@ -314,7 +317,7 @@ _SECTIONS: dict[str, dict[str, _Checker]] = {
         "upstream": _string,
         "store": _string,
         "host": _string,
-        "port": _integer(0),
+        "port": _integer(0, 65535),
         "workers": _integer(1),
         "admin_prefix": _prefix,
         "shutdown_timeout": _number(),
@@ -453,19 +456,22 @@ def load_settings(config: str | Path | None = None, **flags: Any) -> GatewaySett
     idempotency = sections.get("idempotency", {})
     limits = sections.get("limits", {})
 
-    def flag(name: str, section: dict[str, Any], key: str | None = None) -> None:
+    def flag(name: str, section: dict[str, Any], table: str) -> None:
         value = flags.get(name)
         if value is not None:
-            section[key or name] = value
+            try:  # a flag is checked as the file's setting would be
+                section[name] = _SECTIONS[table][name](value)
+            except ValueError as exc:
+                raise ConfigError(f"--{name.replace('_', '-')}: {exc}") from None
 
     for name in ("upstream", "store", "host", "port", "workers", "admin_prefix"):
-        flag(name, gateway)
+        flag(name, gateway, "gateway")
     for name in ("access_log", "log_level", "shutdown_timeout"):
-        flag(name, gateway)
+        flag(name, gateway, "gateway")
     for name in ("connect_timeout", "read_timeout"):
-        flag(name, upstream_opts)
+        flag(name, upstream_opts, "upstream")
     for name in ("ttl", "lease", "require_key"):
-        flag(name, idempotency)
+        flag(name, idempotency, "idempotency")
 
     url = gateway.pop("upstream", None)
     if not url:
@@ -512,7 +518,7 @@ def load_settings(config: str | Path | None = None, **flags: Any) -> GatewaySett
             raise ConfigError(
                 source.error(f"idempotency.{name}", "may not be empty", "idempotency", 0, name)
             )
-    return GatewaySettings(
+    settings = GatewaySettings(
         upstream=upstream,
         defaults=PolicyOptions(**defaults),  # type: ignore[typeddict-item]
         routes=tuple(routes),
@@ -522,6 +528,13 @@ def load_settings(config: str | Path | None = None, **flags: Any) -> GatewaySett
         **gateway,
         **engine_globals,
     )
+    try:  # the URL is checked now (opening connects nothing), not in the workers after start
+        open_store(settings.store)
+    except ConfigError as exc:
+        if flags.get("store") is not None:
+            raise ConfigError(f"--store: {exc}") from None
+        raise ConfigError(source.error("gateway.store", str(exc), "gateway", 0, "store")) from None
+    return settings
 
 
 def _outcome(defaults: Mapping[str, Any], route: Mapping[str, Any]) -> OutcomePolicy:

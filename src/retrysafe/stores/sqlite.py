@@ -297,9 +297,10 @@ class SQLiteStore(Store):
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (self._table,)
         ).fetchone()
         if found is None:
+            option = "" if self._table == "retrysafe_records" else f"?table={self._table}"
             raise StoreUnavailable(
-                f"sqlite ledger {self.path}: no ledger table {self._table!r} (create=false:"
-                f" create it with `retrysafe store init sqlite:///{self.path}`)"
+                f"sqlite ledger {self.path}: no ledger table {self._table!r} (not created"
+                f" here: create it with `retrysafe store init sqlite:///{self.path}{option}`)"
             )
 
     def _connection(self) -> sqlite3.Connection:
@@ -353,6 +354,12 @@ class SQLiteStore(Store):
         """The error to raise for ``exc``: :class:`StoreBusy` if it was busy, else unavailable."""
         if _is_busy(exc):
             return StoreBusy(f"sqlite ledger {self.path} stayed busy{what}: {exc}")
+        folder = os.path.dirname(self._file)
+        if folder and not os.path.isdir(folder):
+            # SQLite says only "unable to open database file"; it never makes directories.
+            return StoreUnavailable(
+                f"sqlite ledger {self.path}{what}: the directory {folder} does not exist"
+            )
         return StoreUnavailable(f"sqlite ledger {self.path}{what}: {exc}")
 
     async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
