@@ -693,6 +693,11 @@ class PostgresStore(Store):
                 ) from None
         if "create" in options:
             kwargs["create"] = parse_flag(url, "create", options["create"])
+        userinfo, at, hosts = parts.netloc.rpartition("@")
+        if "@" in userinfo:
+            # A raw '@' in the password (postgres:p@ss@host): the last '@' ends the user
+            # information, but asyncpg splits at the first one. Percent-encoded, it agrees.
+            parts = parts._replace(netloc=f"{userinfo.replace('@', '%40')}{at}{hosts}")
         dsn = parts._replace(query=urlencode(passed)).geturl()
         try:
             store = cls(dsn, **kwargs)
