@@ -55,7 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         " in front: keyed POST/PATCH requests are executed once, retries get the recorded"
         " answer. Flags override the --config file; see docs/gateway.md.",
     )
-    parser.add_argument("--upstream", metavar="URL", help="the API to protect: http://host:port")
+    parser.add_argument(
+        "--upstream", metavar="URL", help="the API to protect: http(s)://host[:port][/base/path]"
+    )
     parser.add_argument(
         "--store", metavar="URL", help="the ledger (default: sqlite:///retrysafe.db, here)"
     )
@@ -64,8 +66,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--workers", type=_workers, metavar="N", help="worker processes (default 1)"
     )
-    parser.add_argument("--ttl", type=_positive_float, metavar="S", help="retention, seconds")
-    parser.add_argument("--lease", type=_positive_float, metavar="S", help="claim lease, seconds")
+    parser.add_argument(
+        "--ttl",
+        type=_positive_float,
+        metavar="S",
+        help="how long outcomes are replayed, seconds (default 86400)",
+    )
+    parser.add_argument(
+        "--lease", type=_positive_float, metavar="S", help="claim lease, seconds (default 15)"
+    )
     parser.add_argument(
         "--require-key",
         action="store_true",
@@ -79,7 +88,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help='where health and metrics live (default /_retrysafe; "" turns them off)',
     )
     parser.add_argument(
-        "--connect-timeout", type=_positive_float, metavar="S", help="upstream connect timeout"
+        "--connect-timeout",
+        type=_positive_float,
+        metavar="S",
+        help="upstream connect timeout (default 5)",
     )
     parser.add_argument(
         "--read-timeout",
