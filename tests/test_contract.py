@@ -1375,6 +1375,32 @@ def test_a_response_limit_past_what_a_ledger_can_keep_is_refused() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("ttl", "5"), ("lease", None), ("wait", True), ("max_request_body", 1.5),
+     ("max_response_body", "1")],
+)  # fmt: skip
+def test_an_option_of_the_wrong_type_is_a_config_error(option: str, value: object) -> None:
+    """ttl="5" or max_request_body=1.5 is a ConfigError naming the option, not a TypeError."""
+    options: dict[str, Any] = {option: value}
+    with pytest.raises(ConfigError, match=option):
+        IdempotencyMiddleware(Counting(), store="memory://", **options)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("header", ["Idempotency-Key"]), ("header", ""), ("header", "Idempotency Key"),
+     ("namespace", b"shop"), ("namespace", ""), ("problem_base", None)],
+)  # fmt: skip
+def test_a_bad_header_namespace_or_problem_base_is_a_config_error(
+    option: str, value: object
+) -> None:
+    """header=["a"], a header name with a space or namespace=b"x" is a ConfigError at start."""
+    options: dict[str, Any] = {option: value}
+    with pytest.raises(ConfigError, match=option):
+        IdempotencyMiddleware(Counting(), store="memory://", **options)
+
+
 def test_an_infinite_ttl_or_wait_is_allowed() -> None:
     """ttl=inf keeps outcomes for good and wait=inf waits out the original: both are valid."""
     IdempotencyMiddleware(Counting(), store="memory://", ttl=math.inf, wait=math.inf)
@@ -1934,3 +1960,143 @@ async def test_an_abort_after_a_takeover_reports_the_lost_lease_not_a_release() 
     assert isinstance(duplicate, Problem)  # the second holder's claim still stands
     await second.abort()
     await engine.aclose()
+
+
+async def test_a_json_number_no_decimal_can_hold_is_executed_not_refused() -> None:
+    """A JSON number whose exponent a Decimal cannot hold (1e-99999999999999999999999) is
+    fingerprinted as raw bytes and executed once, not refused as a failing fingerprint."""
+    app = Counting()
+    headers = {**key(), "content-type": "application/json"}
+    body = b'{"amount": 1e-99999999999999999999999}'
+    async with serve(app, "memory://") as (client, middleware):
+        first = await client.post("/o", headers=headers, content=body)
+        second = await client.post("/o", headers=headers, content=body)
+    assert_original(first, 1)
+    assert_replay_of(second, first)
+    assert Event.IDENTITY_FAILED not in middleware.engine.counts
+
+
+async def test_a_content_length_too_long_for_an_int_is_413_not_a_crash() -> None:
+    """A request Content-Length of thousands of digits (past Python's int-conversion limit)
+    is a 413 problem, never an exception out of the layer (a 500)."""
+    app = Counting()
+    layer = IdempotencyMiddleware(app, store="memory://")
+    headers = [(b"idempotency-key", b"k"), (b"content-length", b"9" * 5000)]
+    status, response_headers, body = await call_raw(layer, "POST", "/o", headers, b"x")
+    await layer.aclose()
+    assert status == 413
+    assert (b"content-type", b"application/problem+json") in response_headers
+    assert json.loads(body)["type"].endswith("body-too-large")
+    assert app.calls == 0
+
+
+async def test_a_request_cancelled_while_its_claim_is_written_leaves_no_busy_key() -> None:
+    """A request cancelled (a timeout middleware, a shutdown) while the ledger writes its
+    claim gives the claim back: a retry executes at once instead of a 409 for a lease."""
+    from retrysafe.stores.memory import MemoryStore
+
+    landed = asyncio.Event()
+
+    class SlowAnswer(MemoryStore):
+        async def claim(self, *args: Any, **kwargs: Any) -> Any:
+            record = await super().claim(*args, **kwargs)  # written in the ledger ...
+            landed.set()
+            await asyncio.sleep(3600)  # ... but its answer is slow to come back
+            return record
+
+    store = SlowAnswer()
+    app = Counting()
+    layer = IdempotencyMiddleware(app, store=store, lease=60)
+    request = asyncio.ensure_future(call_raw(layer, "POST", "/o", [(b"idempotency-key", b"k")]))
+    await landed.wait()
+    request.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await request
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert list(store._records) == []  # the orphan claim is gone
+    await layer.aclose()
+
+
+async def test_a_response_with_trailers_is_not_replayed_without_them() -> None:
+    """A response that announces trailers (ASGI http.response.trailers: a checksum, a gRPC
+    status) cannot be kept whole, as the record holds no trailers: its retry gets 410
+    replay-unavailable, never a replay missing them, and the handler runs once."""
+    calls = 0
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal calls
+        calls += 1
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [], "trailers": True})
+        await send({"type": "http.response.body", "body": b"payload"})
+        trailers = [(b"grpc-status", b"13")]
+        await send({"type": "http.response.trailers", "headers": trailers, "more_trailers": False})
+
+    layer = IdempotencyMiddleware(app, store="memory://")
+    headers = [(b"idempotency-key", b"k")]
+    first = await call_raw(layer, "POST", "/o", headers)
+    retry = await call_raw(layer, "POST", "/o", headers)
+    await layer.aclose()
+    assert first[0] == 200
+    assert retry[0] == 410
+    assert json.loads(retry[2])["type"].endswith("replay-unavailable")
+    assert calls == 1
+
+
+async def test_a_stream_that_polls_for_the_disconnect_hears_of_it_after_one_lease() -> None:
+    """An endless stream that polls ``request.is_disconnected()`` (a receive in a cancelled
+    scope, as Starlette does) hears of its client's departure one lease after it, as the
+    docs promise: each poll must not start a fresh hold, or the stream never ends, its lease
+    is renewed forever and every retry gets 409 for good. Its retry then gets 410."""
+    from starlette.requests import Request
+
+    calls = 0
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal calls
+        calls += 1
+        request = Request(scope, receive)
+        await request.body()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while not await request.is_disconnected():
+            await send({"type": "http.response.body", "body": b"tick\n", "more_body": True})
+            await asyncio.sleep(0.02)
+
+    layer = IdempotencyMiddleware(app, store="memory://", lease=0.3)
+    gone = asyncio.Event()
+    read = False
+
+    async def receive() -> Message:  # as uvicorn: a disconnect on every call once it left
+        nonlocal read
+        if not read:
+            read = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body" and not gone.is_set():
+            gone.set()  # the client leaves after the first chunk; later sends are dropped
+
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/o",
+        "raw_path": b"/o",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"idempotency-key", b"k")],
+        "server": ("t", 80),
+        "client": ("127.0.0.1", 50000),
+    }
+    try:
+        await asyncio.wait_for(layer(scope, receive, send), 5)
+        retry = await call_raw(layer, "POST", "/o", [(b"idempotency-key", b"k")])
+    finally:
+        await layer.aclose()
+    assert retry[0] == 410
+    assert calls == 1

@@ -179,8 +179,12 @@ async def _read_body(request: RequestView, receive: Receive, policy: Policy) -> 
     """Read the whole request body; None if it exceeds the policy's limit."""
     limit = policy.max_request_body
     declared = request.header(b"content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        return None
+    if declared is not None:
+        digits = declared.strip().lstrip(b"0")
+        # Longer than the limit's own digits is larger: never int() thousands of digits
+        # (Python refuses them with a ValueError, which would be a 500).
+        if digits.isdigit() and (len(digits) > len(str(limit)) or int(digits) > limit):
+            return None
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -207,9 +211,11 @@ class _Responder:
         "body",
         "body_sent",
         "complete",
+        "disconnect",
         "execution",
         "gave_up",
         "gone_at",
+        "hold_until",
         "receive",
         "send",
     )
@@ -225,6 +231,10 @@ class _Responder:
         """What this layer raised to stop an app streaming to a client long gone."""
         self.complete = asyncio.Event()
         """Set once the app has sent its whole response (or has returned)."""
+        self.disconnect: Message | None = None
+        """The server's ``http.disconnect``, once heard: held back, then given on every call."""
+        self.hold_until = 0.0
+        """Until when the disconnect is held back: one lease after it was first heard."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.receive = receive
@@ -263,14 +273,26 @@ class _Responder:
         if not self.body_sent:
             self.body_sent = True
             return {"type": "http.request", "body": self.body, "more_body": False}
-        message = await self.receive()
         policy = self.execution.policy
+        if self.disconnect is not None:
+            # Heard already: a server may say it only once, and the app may ask again.
+            message: Message = dict(self.disconnect)
+        else:
+            message = await self.receive()
         if message["type"] == "http.disconnect" and policy is not None:
             # The client left, but the handler has run for this key: hold the news back (for
             # one lease at most) so that an app that stops streaming at a disconnect, such as
             # Starlette's StreamingResponse, still completes the response kept for the retry.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.complete.wait(), policy.lease)
+            # The lease counts from the first time it was heard, not from each call: an app
+            # that polls (Starlette's is_disconnected() cancels its receive at once) would
+            # otherwise restart the hold on every poll and never hear of it.
+            if self.disconnect is None:
+                self.disconnect = dict(message)
+                self.hold_until = time.monotonic() + policy.lease
+            remaining = self.hold_until - time.monotonic()
+            if remaining > 0 and not self.complete.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.complete.wait(), remaining)
         return message
 
     async def wrapped_send(self, message: Message) -> None:
@@ -283,7 +305,9 @@ class _Responder:
                 # the ledger and the server, or the client would get no headers at all.
                 headers = list(headers)
                 message = {**message, "headers": headers}
-            self.execution.start(message["status"], headers)
+            self.execution.start(
+                message["status"], headers, trailers=bool(message.get("trailers", False))
+            )
         elif kind == "http.response.body":
             self.execution.feed(message.get("body", b""))
             if not message.get("more_body", False) or self.execution.overflowed:

@@ -18,6 +18,7 @@ import contextvars
 import hashlib
 import logging
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Coroutine, Iterable, Sequence
@@ -178,6 +179,8 @@ def current_claim() -> Claim | None:
 
 
 DEFAULT_STORE = "sqlite:///retrysafe.db"
+_FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""An HTTP field name (RFC 9110 5.1: a token)."""
 DEFAULT_NAMESPACE = "retrysafe"
 
 
@@ -225,6 +228,13 @@ class Engine:
         hooks: Iterable[Hook] = (log_decision,),
         **options: Unpack[PolicyOptions],
     ) -> None:
+        for name, value in (("header", header), ("namespace", namespace)):
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{name} must be a non-empty string, not {value!r}")
+        if not _FIELD_NAME.fullmatch(header):
+            raise ConfigError(f"header must be an HTTP field name, not {header!r}")
+        if not isinstance(problem_base, str):
+            raise ConfigError(f"problem_base must be a string, not {problem_base!r}")
         self.store = open_store(store) if isinstance(store, str) else store
         self.policy = Policy().with_options(options)
         self.routes = [(route, self.policy.with_options(route.options)) for route in routes]
@@ -342,6 +352,13 @@ class Engine:
                 record = await self.store.claim(
                     rid, token, fingerprint, policy.lease, policy.ttl, scope=scope
                 )
+            except asyncio.CancelledError:
+                # Cancelled while the claim was written (a timeout middleware, a shutdown): it
+                # may have landed with nobody left to run, renew or release it, a 409 for a
+                # whole lease. Give it back, fenced by this token that no one else holds, in
+                # a task aclose() waits for.
+                self.spawn(Execution._again(self.store.release(rid, token)))
+                raise
             except CorruptRecord as exc:
                 corrupt_token, why = exc.token, str(exc)
             except StoreError as exc:
@@ -504,6 +521,7 @@ class Execution:
         "_refused",
         "_size",
         "_status",
+        "_trailers",
         "claim",
         "engine",
         "policy",
@@ -528,6 +546,7 @@ class Execution:
         self._body: list[bytes] | None = []
         self._size = 0
         self._declared: int | None = None
+        self._trailers = False
         self._refused = False
         self._done = policy is None
         self.claim = None if policy is None else Claim(engine.store, rid, token, policy.ttl)
@@ -569,9 +588,13 @@ class Execution:
 
     # -- response capture -------------------------------------------------------------------
 
-    def start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
-        """Record the response's status and the headers that may be replayed."""
+    def start(
+        self, status: int, headers: Iterable[tuple[bytes, bytes]], *, trailers: bool = False
+    ) -> None:
+        """Record the response's status and the headers that may be replayed; ``trailers``:
+        the response announces trailers, which a record cannot hold (kept not replayable)."""
         self._status = status
+        self._trailers = trailers
         if self.policy is not None:
             headers = list(headers)
             self._declared = self._declared_length(status, headers)
@@ -632,6 +655,8 @@ class Execution:
             detail = f"the response was cut short ({cut_short}); kept as not replayable"
         elif self._body is None:
             pass  # too large to keep
+        elif self._trailers:
+            detail = "its trailers cannot be recorded; kept as not replayable"
         elif not self._length_matches():
             event = Event.BROKEN_RESPONSE
             expected = "none" if self._declared == 0 else "its Content-Length"

@@ -57,7 +57,13 @@ def _exact_float(text: str) -> float:
     with ``Decimal``: such a body is then fingerprinted byte for byte, never merged.
     """
     value = float(text)
-    if repr(value) != text and Decimal(repr(value)) != Decimal(text):  # most are their repr
+    if repr(value) == text:  # most are their repr
+        return value
+    try:
+        exact = Decimal(repr(value)) == Decimal(text)
+    except ArithmeticError:  # an exponent past Decimal's range (1e-99999999999999999999)
+        exact = False
+    if not exact:
         raise ValueError("a number that a float cannot hold exactly")
     return value
 

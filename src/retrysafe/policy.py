@@ -82,6 +82,14 @@ class Policy:
     """The scope in force: ``scope``, or the credentials scope built from the options."""
 
     def __post_init__(self) -> None:
+        for name in ("ttl", "lease", "wait"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{name} must be a number of seconds, not {value!r}")
+        for name in ("max_request_body", "max_response_body"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be a whole number of bytes, not {value!r}")
         if not self.ttl > 0:  # NaN fails too; an infinite ttl keeps outcomes for good
             raise ConfigError("ttl must be a positive number of seconds")
         if not 0 < self.lease <= MAX_LEASE:
