@@ -1033,7 +1033,8 @@ async def test_fail_open_executes_and_is_counted(
 
 
 async def test_store_failing_after_the_handler_still_answers(tmp_path: Path) -> None:
-    """If the outcome cannot be recorded the client still gets it; counted; lease bounds it."""
+    """If the outcome cannot be recorded the client still gets it, counted; once the ledger
+    takes writes again (within the lease) it is recorded, and retries get the replay."""
     url = sqlite_url(tmp_path, busy_timeout="0.2")
     inner = Counting()
 
@@ -1056,13 +1057,55 @@ async def test_store_failing_after_the_handler_still_answers(tmp_path: Path) -> 
 
     async with serve(locking_app, url, lease=1.0) as (client, middleware):
         first = await client.post("/o", headers=key(), json={"a": 1})
-        busy = await client.post("/o", headers=key(), json={"a": 1})
-        await asyncio.sleep(1.3)  # the lease, no longer renewed, runs out
+        for _ in range(200):  # until the outcome is recorded: 409 meanwhile
+            retry = await client.post("/o", headers=key(), json={"a": 1})
+            if retry.status_code != 409:
+                break
+            assert_problem(retry, "in-progress", 409)
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(1.3)  # past the lease: still the replay
         after_lease = await client.post("/o", headers=key(), json={"a": 1})
     assert_original(first, 1)
+    assert_replay_of(retry, first)
+    assert_replay_of(after_lease, first)
+    assert inner.calls == 1
     assert middleware.engine.counts[Event.STORE_ERROR] == 1
-    assert_problem(busy, "in-progress", 409)
-    assert_original(after_lease, 2)
+    assert middleware.engine.counts[Event.STORED] == 1
+
+
+async def test_an_outcome_the_ledger_never_takes_leaves_the_key_to_the_lease(
+    tmp_path: Path,
+) -> None:
+    """A ledger that refuses the outcome for a whole lease: the attempts stop, the key runs
+    again after the lease (rule 21), and the late attempts never overwrite the new run."""
+    url = sqlite_url(tmp_path, busy_timeout="0.05")
+    inner = Counting()
+    lock = sqlite3.connect(sqlite_path(url), isolation_level=None)
+
+    async def locking_app(scope: Scope, receive: Receive, send: Send) -> None:
+        """The first execution locks the ledger once its response starts."""
+        first_call = inner.calls == 0
+
+        async def send_locked(message: Message) -> None:
+            if message["type"] == "http.response.start" and first_call:
+                lock.execute("BEGIN EXCLUSIVE")
+            await send(message)
+
+        await inner(scope, receive, send_locked)
+
+    try:
+        async with serve(locking_app, url, lease=0.5) as (client, middleware):
+            first = await client.post("/o", headers=key(), json={"a": 1})
+            await asyncio.sleep(0.9)  # the lease and the attempts run out, the ledger locked
+            lock.execute("ROLLBACK")
+            again = await client.post("/o", headers=key(), json={"a": 1})
+            replay = await client.post("/o", headers=key(), json={"a": 1})
+    finally:
+        lock.close()
+    assert_original(first, 1)
+    assert_original(again, 2)
+    assert_replay_of(replay, again)
+    assert middleware.engine.counts[Event.STORE_ERROR] == 2  # the first try, the last
 
 
 @pytest.mark.parametrize(

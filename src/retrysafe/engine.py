@@ -56,6 +56,8 @@ PURGE_BATCH = 500
 UNRELEASED = "the key could not be released; it stays busy until its lease ends"
 CLOSE_GRACE = 5.0
 """Seconds :meth:`Engine.aclose` waits for executions still running to end."""
+PERSIST_DELAYS = (0.05, 1.0)
+"""Seconds between attempts to record an outcome the ledger refused: the first, the most."""
 OFFLOAD_BODY = 256 << 10
 """Bodies larger than this are fingerprinted in a worker thread, off the event loop."""
 
@@ -255,6 +257,7 @@ class Engine:
         self._tick_loop: asyncio.AbstractEventLoop | None = None
         self._tick_every = min(p.lease for p in [self.policy, *(p for _, p in self.routes)]) / 3
         self._log_only = self.hooks == [log_decision]
+        self._closing = False
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -491,6 +494,7 @@ class Engine:
         the app at once: the cancelled requests' last ledger writes are let through first.
         """
         deadline = time.monotonic() + CLOSE_GRACE
+        self._closing = True  # outcomes still being recorded again get one more attempt
         await asyncio.sleep(0)  # cancelled requests start their last writes
         loop, me = asyncio.get_running_loop(), asyncio.current_task()
         # Executions end in other tasks' code: polled, briefly, rather than signalled. Never
@@ -648,7 +652,7 @@ class Execution:
         if not final:
             await self.abort(cut_short)
             return
-        engine, request, rid = self.engine, self.request, self.rid
+        engine, rid = self.engine, self.rid
         # The handler ran: whatever is kept, its retries never run it again (rule 18).
         state, data, event, detail = State.NOT_REPLAYABLE, None, Event.NOT_REPLAYABLE, ""
         if cut_short and not self._all_sent():
@@ -680,16 +684,48 @@ class Execution:
             )
             raise
         except (StoreError, CorruptRecord) as exc:
-            self._lost(
-                f"the outcome was not recorded; the key stays busy until its lease ends: {exc}"
-            )
+            # The client gets its response all the same (rule 21). A ledger that failed once
+            # (a failover, a lock) may take the write a moment later: until the lease ends
+            # the key is still this execution's, so the outcome is recorded then, and a
+            # retry replays it instead of running the handler again once the lease ends.
+            self._lost(f"the outcome was not recorded ({exc}); trying again for one lease")
+            engine.spawn(self._persist(state, data, event, detail))
             return
+        self._recorded(held, event, detail)
+
+    def _recorded(self, held: bool, event: Event, detail: str) -> None:
         if not held:
-            engine.report(
-                Event.LEASE_LOST, request, rid, self._status, "the outcome was not recorded"
+            self.engine.report(
+                Event.LEASE_LOST,
+                self.request,
+                self.rid,
+                self._status,
+                "the outcome was not recorded",
             )
         else:
-            engine.report(event, request, rid, self._status, detail)
+            self.engine.report(event, self.request, self.rid, self._status, detail)
+
+    async def _persist(self, state: State, data: bytes | None, event: Event, detail: str) -> None:
+        """Record the outcome the ledger refused, again and again until one lease has passed
+        (fenced by token: a retry that took the key over since is never overwritten)."""
+        engine, policy = self.engine, self.policy
+        assert policy is not None
+        give_up = time.monotonic() + policy.lease
+        delay, most = PERSIST_DELAYS
+        while True:
+            await asyncio.sleep(
+                0 if engine._closing else min(delay, max(0.0, give_up - time.monotonic()))
+            )
+            try:
+                held = await engine.store.complete(self.rid, self.token, state, data, policy.ttl)
+            except (StoreError, CorruptRecord) as exc:
+                if engine._closing or time.monotonic() >= give_up:
+                    self._lost(f"the outcome was not recorded; the lease bounds the key: {exc}")
+                    return
+                delay = min(delay * 2, most)
+                continue
+            self._recorded(held, event, f"recorded late{f': {detail}' if detail else ''}")
+            return
 
     def _lost(self, detail: str) -> None:
         self.engine.report(Event.STORE_ERROR, self.request, self.rid, self._status or None, detail)
