@@ -1620,6 +1620,24 @@ async def test_numbers_a_float_cannot_hold_are_not_merged(store_url: str) -> Non
     assert_problem(other, "key-reused", 422)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+async def test_numbers_a_float_cannot_hold_are_not_merged_in_utf16_or_32(encoding: str) -> None:
+    """The same holds for a JSON body in UTF-16 or UTF-32: 10.0000000000000001 is not 10.0."""
+    app = Counting()
+    headers = {**key(), "content-type": "application/json"}
+    async with serve(app, "memory://") as (client, _):
+        first = await client.post(
+            "/o", headers=headers, content='{"amount": 10.0}'.encode(encoding)
+        )
+        same = await client.post("/o", headers=headers, content='{"amount":10.0}'.encode(encoding))
+        other = await client.post(
+            "/o", headers=headers, content='{"amount": 10.0000000000000001}'.encode(encoding)
+        )
+    assert_original(first, 1)
+    assert_replay_of(same, first)
+    assert_problem(other, "key-reused", 422)
+
+
 async def test_problem_details_name_the_configured_header(store_url: str) -> None:
     """With header="X-Request-Key", refusals speak of X-Request-Key."""
     app = Counting()

@@ -78,7 +78,8 @@ def canonical_json(body: bytes, exclude: Collection[str] = ()) -> bytes | None:
         try:
             document: Any = _decode(body.decode())
         except UnicodeDecodeError:
-            document = json.loads(body)  # UTF-16 or UTF-32, detected by json
+            # UTF-16 or UTF-32, detected by json; numbers judged as in UTF-8 bodies
+            document = json.loads(body, parse_float=_exact_float)
     except (ValueError, RecursionError):
         return None
     if exclude and isinstance(document, dict):
