@@ -1649,6 +1649,52 @@ async def test_problem_details_name_the_configured_header(store_url: str) -> Non
 # -- found in review ------------------------------------------------------------------------------
 
 
+async def test_a_duplicate_cancelled_while_it_waits_answers_shutting_down() -> None:
+    """A duplicate waiting for its original (wait=) when the server's shutdown cancels it gets
+    a 503 shutting-down problem with Retry-After, not the server's bare 500."""
+    gate = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await gate.wait()
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    middleware = IdempotencyMiddleware(app, store="memory://", wait=30)
+
+    async def call(sent: list[Message]) -> None:
+        scope: Scope = {
+            "type": "http", "method": "POST", "path": "/o", "query_string": b"",
+            "root_path": "", "headers": [(b"idempotency-key", b"waiting")],
+        }  # fmt: skip
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await middleware(scope, receive, send)
+
+    first: list[Message] = []
+    original = asyncio.create_task(call(first))
+    for _ in range(20):  # the original claims the key and blocks in the app
+        await asyncio.sleep(0.001)
+    sent: list[Message] = []
+    duplicate = asyncio.create_task(call(sent))
+    for _ in range(20):  # into its wait
+        await asyncio.sleep(0.001)
+    duplicate.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await duplicate
+    gate.set()
+    await original
+    assert sent[0]["status"] == 503
+    assert (b"retry-after", b"1") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["type"].endswith("shutting-down")
+    assert first[0]["status"] == 201
+
+
 async def test_headers_given_as_a_generator_reach_the_client_and_the_replay() -> None:
     """Response headers given as a one-shot iterable reach the client, and replay the same."""
     calls = 0
@@ -2161,3 +2207,50 @@ async def test_a_stream_that_polls_for_the_disconnect_hears_of_it_after_one_leas
         await layer.aclose()
     assert retry[0] == 410
     assert calls == 1
+
+
+async def test_a_renewal_the_ledger_refused_is_made_again_before_the_lease_ends() -> None:
+    """Renewals failing for a while (a ledger blip) are tried again soon, not a third of a
+    lease later each: the lease is renewed long before it ends, and the handler keeps its key
+    (a duplicate meanwhile gets 409); the outage is reported once."""
+    from retrysafe import StoreUnavailable
+    from retrysafe.stores.memory import MemoryStore
+
+    lease = 3.0
+    renewed = asyncio.Event()
+    attempts: list[float] = []
+
+    class Blip(MemoryStore):
+        async def renew(self, rid: bytes, token: int, lease: float) -> bool:
+            attempts.append(asyncio.get_running_loop().time())
+            if len(attempts) <= 3:
+                raise StoreUnavailable("a blip")
+            held = await super().renew(rid, token, lease)
+            renewed.set()
+            return held
+
+    gate = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await gate.wait()
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"once"})
+
+    errors: list[Decision] = []
+    layer = IdempotencyMiddleware(
+        app, store=Blip(), lease=lease,
+        hooks=[lambda d: errors.append(d) if d.event is Event.STORE_ERROR else None],
+    )  # fmt: skip
+    headers = [(b"idempotency-key", b"blip")]
+    started = asyncio.get_running_loop().time()
+    first = asyncio.ensure_future(call_raw(layer, "POST", "/o", headers))
+    await renewed.wait()
+    duplicate = await call_raw(layer, "POST", "/o", headers)
+    gate.set()
+    status, _, body = await first
+    await layer.aclose()
+    assert attempts[-1] - started < lease * 0.8  # renewed well before the claim's lease ended
+    assert duplicate[0] == 409
+    assert (status, body) == (201, b"once")
+    assert len(errors) == 1

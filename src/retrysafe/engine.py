@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import hashlib
 import logging
+import math
 import random
 import re
 import time
@@ -255,7 +256,18 @@ class Engine:
         self._running: dict[Execution, None] = {}
         self._tick: asyncio.TimerHandle | None = None
         self._tick_loop: asyncio.AbstractEventLoop | None = None
-        self._tick_every = min(p.lease for p in [self.policy, *(p for _, p in self.routes)]) / 3
+        shortest = min(p.lease for p in [self.policy, *(p for _, p in self.routes)])
+        self._tick_every = shortest / 3
+        wait = getattr(self.store, "timeout", None) or getattr(self.store, "busy_timeout", None)
+        if isinstance(wait, int | float) and wait > shortest * 2 / 3:
+            # Renewals come a third of a lease apart: one that hangs for the ledger's whole
+            # timeout outlives the lease, and a duplicate may take the key over meanwhile.
+            logger.warning(
+                "retrysafe: a lease of %gs is short for a ledger whose operations may take %gs"
+                " (its timeout): a slow ledger can let a duplicate take over a running"
+                " handler; keep the lease at least 1.5x the ledger's timeout",
+                shortest, wait,
+            )  # fmt: skip
         self._log_only = self.hooks == [log_decision]
         self._closing = False
 
@@ -564,16 +576,34 @@ class Execution:
             engine.watch(self)
 
     async def renew(self) -> None:
-        """Renew the lease (called by the engine's heartbeat)."""
-        assert self.policy is not None
-        try:
-            held = await self.engine.store.renew(self.rid, self.token, self.policy.lease)
-        except (StoreError, CorruptRecord) as exc:
-            self.engine.report(
-                Event.STORE_ERROR, self.request, self.rid, None,
-                f"the lease could not be renewed, will retry: {exc}",
-            )  # fmt: skip
-            return
+        """Renew the lease (called by the engine's heartbeat).
+
+        A renewal the ledger refused is tried again soon, not at the next heartbeat a third
+        of a lease later: the lease then outlasts a ledger outage of almost its whole length.
+        """
+        policy = self.policy
+        assert policy is not None
+        loop = asyncio.get_running_loop()
+        delay, most = PERSIST_DELAYS[0], policy.lease / 10
+        failed = False
+        while True:
+            try:
+                held = await self.engine.store.renew(self.rid, self.token, policy.lease)
+                break
+            except (StoreError, CorruptRecord) as exc:
+                if not failed:  # reported once per outage, not once per attempt
+                    self.engine.report(
+                        Event.STORE_ERROR, self.request, self.rid, None,
+                        f"the lease could not be renewed, will retry: {exc}",
+                    )  # fmt: skip
+                failed = True
+                self.renew_at = math.inf  # the heartbeat leaves it to this loop meanwhile
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, most)
+                if self._done or self.engine._closing:
+                    return
+        if failed:
+            self.renew_at = loop.time() + self.renew_every
         if not held and not self._done:
             self.engine.unwatch(self)
             self.engine.report(
@@ -591,6 +621,11 @@ class Execution:
         return True
 
     # -- response capture -------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """Whether the response's status has been sent on its way."""
+        return self._status != 0
 
     def start(
         self, status: int, headers: Iterable[tuple[bytes, bytes]], *, trailers: bool = False
@@ -711,7 +746,7 @@ class Execution:
         engine, policy = self.engine, self.policy
         assert policy is not None
         give_up = time.monotonic() + policy.lease
-        delay, most = PERSIST_DELAYS
+        delay, most = PERSIST_DELAYS[0], min(PERSIST_DELAYS[1], policy.lease / 10)
         while True:
             await asyncio.sleep(
                 0 if engine._closing else min(delay, max(0.0, give_up - time.monotonic()))
