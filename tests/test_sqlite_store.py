@@ -26,6 +26,7 @@ from retrysafe import ConfigError, CorruptRecord, StoreBusy, StoreUnavailable, o
 from retrysafe.records import State
 from retrysafe.stores import SQLiteStore
 from retrysafe.stores.sqlite import (
+    FILE_CHECK_INTERVAL,
     GROUP_PAUSE,
     GROUP_SAMPLE,
     LARGE_WRITE,
@@ -219,6 +220,7 @@ async def test_a_ledger_file_deleted_or_replaced_is_not_written_on(
     claims land in the file other processes open: one key is never claimed in two ledgers."""
     async with SQLiteStore(ledger) as store:
         assert await store.claim(rid(), token(), FP, LONG, LONG) is None
+        assert await store.claim(rid(), token(), FP, LONG, LONG) is None  # the file looked at
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(ledger + suffix)
@@ -226,6 +228,7 @@ async def test_a_ledger_file_deleted_or_replaced_is_not_written_on(
             async with SQLiteStore(str(tmp_path / "backup.db")) as other:
                 await other.initialize()
             os.replace(tmp_path / "backup.db", ledger)
+        await asyncio.sleep(FILE_CHECK_INTERVAL)  # it is looked at that often, not every time
         key = rid()
         assert await store.claim(key, 1, FP, LONG, LONG) is None
         child = await asyncio.create_subprocess_exec(

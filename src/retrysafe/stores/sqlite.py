@@ -60,6 +60,8 @@ LARGE_WRITE = 256 << 10
 """A completion carrying a response larger than this is written from a worker thread."""
 PURGE_BATCH = 100
 """Most rows one purge statement deletes: the write lock is never held for long."""
+FILE_CHECK_INTERVAL = 0.25
+"""Seconds between two looks at whether the ledger file was deleted or replaced."""
 _COLUMNS = "state, token, fingerprint, lease_until, expires_at, response, scope, created_at"
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
@@ -184,6 +186,8 @@ class SQLiteStore(Store):
         self._file = path if path in {"", ":memory:"} else os.path.abspath(path)
         """The file every connection opens: resolved once, so a chdir() changes nothing."""
         self._file_id: tuple[int, int] | None = None
+        self._file_checked = 0.0
+        """When (monotonic) the file is next compared with ``_file_id``."""
         """(device, inode) of the file ``_conn`` opened: another one there means it moved."""
         self.busy_timeout = busy_timeout
         self._synchronous = synchronous.upper()
@@ -305,11 +309,14 @@ class SQLiteStore(Store):
 
     def _connection(self) -> sqlite3.Connection:
         # Closed before every fork (_before_fork): each process opens its own, here.
-        if self._conn is not None and self._file_id is not None and self._file_id != self._stat():
+        if self._file_id is not None and (now := time.monotonic()) >= self._file_checked:
             # The ledger file was deleted or replaced (rm, a restore) since it was opened:
             # writing on into the old one would keep a ledger no other process sees, and
-            # every key claimed there would run again in the others.
-            self._drop()
+            # every key claimed there would run again in the others. Looked at every
+            # FILE_CHECK_INTERVAL, not at every operation (a stat is a system call).
+            self._file_checked = now + FILE_CHECK_INTERVAL
+            if self._file_id != self._stat():
+                self._drop()
         if self._conn is None:
             self._conn = self._connect()
             if not self._private:
@@ -491,13 +498,12 @@ class SQLiteStore(Store):
         state, token, fingerprint, lease_until, expires_at, response, scope, created_at = row
         # Each column must have the type this store writes: a converting decode would read an
         # INTEGER fingerprint as that many zero bytes (MemoryError, OverflowError: a 500).
-        blobs = (fingerprint, scope) if response is None else (fingerprint, scope, response)
-        times = (lease_until, expires_at, created_at)
         if (
             type(token) is not int
             or type(state) is not int
-            or any(type(blob) is not bytes for blob in blobs)
-            or any(type(t) is not float and type(t) is not int for t in times)
+            or type(fingerprint) is not bytes
+            or type(scope) is not bytes
+            or (response is not None and type(response) is not bytes)
         ):
             raise CorruptRecord("undecodable ledger row: a column of the wrong type", token)
         try:
@@ -511,7 +517,7 @@ class SQLiteStore(Store):
                 scope,
                 float(created_at),
             )
-        except ValueError as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise CorruptRecord(f"undecodable ledger row: {exc}", token) from exc
 
     # -- primitives -------------------------------------------------------------------------
