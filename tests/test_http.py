@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import socket
@@ -405,38 +404,6 @@ def test_a_stream_cancelled_by_the_server_shutdown_is_not_run_again(tmp_path: Pa
         )  # fmt: skip
     assert_problem(retry, 410, "replay-unavailable")
     assert len((tmp_path / "executions.log").read_text().splitlines()) == 1
-
-
-def test_a_handler_cancelled_by_the_server_shutdown_answers_a_problem(tmp_path: Path) -> None:
-    """A keyed handler still running, with no status sent, when uvicorn's shutdown timeout
-    cancels it: the client gets a 503 shutting-down problem to retry (not uvicorn's bare
-    500), and the retry runs the released key."""
-    env = {
-        "RS_STORE": f"sqlite:///{tmp_path / 'ledger.db'}",
-        "RS_EXEC_LOG": str(tmp_path / "executions.log"),
-        "RS_STATE_DIR": str(tmp_path),
-    }
-    request = (
-        b"POST /slow HTTP/1.1\r\nHost: test\r\nIdempotency-Key: stopped\r\n"
-        b"Content-Length: 2\r\n\r\n{}"
-    )
-    log = tmp_path / "server.log"
-    with serve_subprocess("apps:create_app", workers=1, env=env, log_path=log) as server:
-        port = urlsplit(server.base_url).port
-        assert port is not None
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(request)
-            poll_until((tmp_path / "slow-stopped.pid").exists, what="the handler to start")
-            server.process.send_signal(signal.SIGTERM)  # cancelled after 2 s
-            answer = b""
-            while data := sock.recv(65536):
-                answer += data
-            server.process.wait(timeout=30)
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 503 "), answer
-    assert b"content-type: application/problem+json" in head.lower()
-    assert b"retry-after: 1" in head.lower()
-    assert json.loads(body)["type"].endswith("shutting-down")
 
 
 def test_an_app_that_returns_after_its_whole_declared_body_is_replayed(tmp_path: Path) -> None:

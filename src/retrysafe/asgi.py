@@ -16,7 +16,7 @@ from .engine import _CURRENT_CLAIM, DEFAULT_STORE, Engine, EngineOptions, Execut
 from .errors import ConfigError, ResponseCutShort
 from .fingerprint import RequestView
 from .policy import Policy
-from .problems import Problem, ProblemType
+from .problems import Problem
 from .stores import Store
 
 __all__ = ["IdempotencyMiddleware"]
@@ -93,13 +93,7 @@ class IdempotencyMiddleware:
             await self._send_problem(send, engine.body_too_large(request, policy))
             return
         request.body = body
-        try:
-            answer = await engine.begin(request, key, policy)
-        except asyncio.CancelledError:
-            # The server's shutdown timeout ran out while this request waited for its claim
-            # (or for a duplicate in flight): a problem to retry, rather than a bare 500.
-            await self._shut_down(send, "while this request waited for the ledger")
-            raise
+        answer = await engine.begin(request, key, policy)
         if isinstance(answer, Problem):
             await self._send_problem(send, answer)
         elif isinstance(answer, Replay):
@@ -121,10 +115,6 @@ class IdempotencyMiddleware:
             scope[CLAIMED] = (*(outer or ()), engine.namespace)
             try:
                 await _Responder(self.app, answer, body)(scope, receive, send)
-            except asyncio.CancelledError:
-                if not answer.started:  # the key was given back on the way out
-                    await self._shut_down(send, "before the handler answered")
-                raise
             finally:
                 current: dict[str, Any] | None = scope.get("extensions")
                 if hidden is not None and current is hidden:
@@ -157,16 +147,6 @@ class IdempotencyMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
-
-    async def _shut_down(self, send: Send, when: str) -> None:
-        """Answer a request the server cancelled (its shutdown) with a 503 problem."""
-        problem = Problem(
-            ProblemType.SHUTTING_DOWN,
-            f"The server shut down {when}; retry with the same key.",
-            retry_after=1,
-        )
-        with contextlib.suppress(Exception):  # the client may be gone, the server closing
-            await self._send_problem(send, problem)
 
     async def aclose(self) -> None:
         """Close the ledger (for apps that manage their own lifespan)."""

@@ -507,18 +507,21 @@ class Engine:
         """
         deadline = time.monotonic() + CLOSE_GRACE
         self._closing = True  # outcomes still being recorded again get one more attempt
-        await asyncio.sleep(0)  # cancelled requests start their last writes
-        loop, me = asyncio.get_running_loop(), asyncio.current_task()
-        # Executions end in other tasks' code: polled, briefly, rather than signalled. Never
-        # the caller's own (an app closing the layer from a request).
-        while time.monotonic() < deadline and any(  # noqa: ASYNC110
-            e.task is not me and e.task is not None and e.task.get_loop() is loop
-            for e in self._running
-        ):
-            await asyncio.sleep(0.01)
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-        await self.store.aclose()
+        try:
+            await asyncio.sleep(0)  # cancelled requests start their last writes
+            loop, me = asyncio.get_running_loop(), asyncio.current_task()
+            # Executions end in other tasks' code: polled, briefly, rather than signalled.
+            # Never the caller's own (an app closing the layer from a request).
+            while time.monotonic() < deadline and any(  # noqa: ASYNC110
+                e.task is not me and e.task is not None and e.task.get_loop() is loop
+                for e in self._running
+            ):
+                await asyncio.sleep(0.01)
+            if self._background:
+                await asyncio.gather(*self._background, return_exceptions=True)
+            await self.store.aclose()
+        finally:
+            self._closing = False  # a layer may serve again after its close (a new lifespan)
 
 
 class Execution:
@@ -601,6 +604,8 @@ class Execution:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, most)
                 if self._done or self.engine._closing:
+                    if not self._done:  # still running: the heartbeat's again, as before
+                        self.renew_at = loop.time()
                     return
         if failed:
             self.renew_at = loop.time() + self.renew_every
@@ -621,11 +626,6 @@ class Execution:
         return True
 
     # -- response capture -------------------------------------------------------------------
-
-    @property
-    def started(self) -> bool:
-        """Whether the response's status has been sent on its way."""
-        return self._status != 0
 
     def start(
         self, status: int, headers: Iterable[tuple[bytes, bytes]], *, trailers: bool = False
