@@ -2262,3 +2262,76 @@ async def test_a_layer_closed_once_still_renews_after_a_refused_renewal() -> Non
     assert failures == 2
     assert duplicate[0] == 409
     assert calls == 2  # /warm and /slow, once each
+
+
+async def test_a_claim_the_ledger_did_not_answer_is_given_back() -> None:
+    """A claim that landed although the ledger's answer never came (a timeout): the request
+    gets 503, and the orphan claim is released (tried again while the ledger still fails)
+    instead of answering 409 for a lease with nothing running."""
+    from retrysafe import StoreUnavailable
+    from retrysafe.stores.memory import MemoryStore
+
+    releases: list[bool] = []
+
+    class Unanswered(MemoryStore):
+        claims = 0
+
+        async def claim(self, *args: Any, **kwargs: Any) -> Any:
+            record = await super().claim(*args, **kwargs)  # written in the ledger ...
+            Unanswered.claims += 1
+            if Unanswered.claims == 1:
+                raise StoreUnavailable("no answer within 2 s")  # ... the answer lost
+            return record
+
+        async def release(self, rid: bytes, token: int) -> bool:
+            if len(releases) < 2:
+                releases.append(False)
+                raise StoreUnavailable("still down")
+            releases.append(True)
+            return await super().release(rid, token)
+
+    app = Counting()
+    layer = IdempotencyMiddleware(app, store=Unanswered(), lease=60)
+    headers = [(b"idempotency-key", b"orphan")]
+    first = await call_raw(layer, "POST", "/o", headers, b"{}")
+    for _ in range(200):  # the give-back retries with backoff; 409 meanwhile
+        retry = await call_raw(layer, "POST", "/o", headers, b"{}")
+        if retry[0] != 409:
+            break
+        await asyncio.sleep(0.01)
+    await layer.aclose()
+    assert first[0] == 503
+    assert retry[0] == 200
+    assert app.calls == 1
+    assert releases == [False, False, True]
+
+
+async def test_only_one_renewal_of_a_claim_is_in_flight() -> None:
+    """A renewal hanging on a slow ledger gets no twin from the next heartbeats: one renewal
+    per execution at a time."""
+    from retrysafe.stores.memory import MemoryStore
+
+    in_flight = most = 0
+
+    class Slow(MemoryStore):
+        async def renew(self, rid: bytes, token: int, lease: float) -> bool:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            try:
+                await asyncio.sleep(0.5)  # longer than the heartbeat's 0.2 s
+                return await super().renew(rid, token, lease)
+            finally:
+                in_flight -= 1
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await asyncio.sleep(1.2)
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"slow"})
+
+    layer = IdempotencyMiddleware(app, store=Slow(), lease=0.6)
+    status, _, _ = await call_raw(layer, "POST", "/o", [(b"idempotency-key", b"slow")])
+    await layer.aclose()
+    assert status == 201
+    assert most == 1

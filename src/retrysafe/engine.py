@@ -270,6 +270,9 @@ class Engine:
             )  # fmt: skip
         self._log_only = self.hooks == [log_decision]
         self._closing = False
+        self._orphans: dict[tuple[bytes, int], float] = {}
+        """Claims to give back (record id, token) and until when (monotonic) to try."""
+        self._releasing: asyncio.Task[None] | None = None
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -370,13 +373,17 @@ class Engine:
             except asyncio.CancelledError:
                 # Cancelled while the claim was written (a timeout middleware, a shutdown): it
                 # may have landed with nobody left to run, renew or release it, a 409 for a
-                # whole lease. Give it back, fenced by this token that no one else holds, in
-                # a task aclose() waits for.
-                self.spawn(Execution._again(self.store.release(rid, token)))
+                # whole lease. Give it back, fenced by this token that no one else holds.
+                self._release_later(rid, token, policy.lease)
                 raise
             except CorruptRecord as exc:
                 corrupt_token, why = exc.token, str(exc)
             except StoreError as exc:
+                if not isinstance(exc, StoreBusy):
+                    # No answer (a timeout, a connection lost): the claim may still land, once
+                    # the ledger is reachable again, with nobody to run or release it. Busy
+                    # means refused: nothing was written.
+                    self._release_later(rid, token, policy.lease)
                 return self._store_failed(request, rid, exc)
             else:
                 if record is None:
@@ -446,6 +453,36 @@ class Engine:
         )
 
     # -- background work --------------------------------------------------------------------
+
+    def _release_later(self, rid: bytes, token: int, lease: float) -> None:
+        """Release a claim that may have landed although its request got no answer from the
+        ledger (fenced by ``token``, which nobody else holds: harmless if it never landed).
+
+        One task works through all of them, again and again while the ledger fails, for up
+        to one lease each (by then the claim has lapsed by itself)."""
+        self._orphans[(rid, token)] = time.monotonic() + lease
+        if self._releasing is None or self._releasing.done():
+            self._releasing = self.spawn(self._release_orphans())
+
+    async def _release_orphans(self) -> None:
+        delay, most = PERSIST_DELAYS
+        while self._orphans:
+            failed = False
+            for (rid, token), until in list(self._orphans.items()):
+                if time.monotonic() >= until:
+                    del self._orphans[(rid, token)]
+                    continue
+                try:
+                    await self.store.release(rid, token)
+                except (StoreError, CorruptRecord):
+                    failed = True
+                    break  # the ledger still fails: the others wait for the next round
+                self._orphans.pop((rid, token), None)
+            if self._closing:
+                self._orphans.clear()  # one round at close, not one lease
+            elif failed:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, most)
 
     def watch(self, execution: Execution) -> None:
         """Renew ``execution``'s lease until :meth:`unwatch` (the heartbeat)."""
@@ -582,33 +619,41 @@ class Execution:
         """Renew the lease (called by the engine's heartbeat).
 
         A renewal the ledger refused is tried again soon, not at the next heartbeat a third
-        of a lease later: the lease then outlasts a ledger outage of almost its whole length.
+        of a lease later. The lease in the ledger still ends one lease after the last renewal
+        that went through (up to a third of a lease before the outage began): a running
+        handler is sure to ride out an outage of two thirds of its lease.
         """
         policy = self.policy
         assert policy is not None
         loop = asyncio.get_running_loop()
         delay, most = PERSIST_DELAYS[0], policy.lease / 10
         failed = False
-        while True:
-            try:
-                held = await self.engine.store.renew(self.rid, self.token, policy.lease)
-                break
-            except (StoreError, CorruptRecord) as exc:
-                if not failed:  # reported once per outage, not once per attempt
-                    self.engine.report(
-                        Event.STORE_ERROR, self.request, self.rid, None,
-                        f"the lease could not be renewed, will retry: {exc}",
-                    )  # fmt: skip
-                failed = True
-                self.renew_at = math.inf  # the heartbeat leaves it to this loop meanwhile
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, most)
-                if self._done or self.engine._closing:
-                    if not self._done:  # still running: the heartbeat's again, as before
-                        self.renew_at = loop.time()
-                    return
-        if failed:
-            self.renew_at = loop.time() + self.renew_every
+        # One renewal at a time: the heartbeat leaves this execution alone until it ends (a
+        # renewal hanging for the ledger's timeout would otherwise get a twin every tick).
+        next_at, self.renew_at = self.renew_at, math.inf
+        try:
+            while True:
+                try:
+                    held = await self.engine.store.renew(self.rid, self.token, policy.lease)
+                    break
+                except (StoreError, CorruptRecord) as exc:
+                    if not failed:  # reported once per outage, not once per attempt
+                        self.engine.report(
+                            Event.STORE_ERROR, self.request, self.rid, None,
+                            f"the lease could not be renewed, will retry: {exc}",
+                        )  # fmt: skip
+                    failed = True
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, most)
+                    if self._done:
+                        return
+                    if self.engine._closing:
+                        next_at = loop.time()  # still running: the heartbeat's again
+                        return
+            if failed:
+                next_at = loop.time() + self.renew_every
+        finally:
+            self.renew_at = next_at
         if not held and not self._done:
             self.engine.unwatch(self)
             self.engine.report(
