@@ -2335,3 +2335,104 @@ async def test_only_one_renewal_of_a_claim_is_in_flight() -> None:
     await layer.aclose()
     assert status == 201
     assert most == 1
+
+
+class _LostAnswers:
+    """A memory ledger whose claims land but whose answers are lost while ``down``; its
+    releases fail for the records in ``stuck`` (their shard down) and take ``slow`` seconds."""
+
+    @staticmethod
+    def make() -> Any:
+        from retrysafe import StoreUnavailable
+        from retrysafe.stores.memory import MemoryStore
+
+        class Store(MemoryStore):
+            down = True
+            hang = False
+            slow = 0.0
+            stuck: frozenset[bytes] = frozenset()
+
+            async def claim(self, rid: bytes, *args: Any, **kwargs: Any) -> Any:
+                record = await super().claim(rid, *args, **kwargs)
+                if self.down:
+                    raise StoreUnavailable("no answer")
+                if self.hang:
+                    await asyncio.sleep(10)  # landed; the answer never comes
+                return record
+
+            async def release(self, rid: bytes, token: int) -> bool:
+                await asyncio.sleep(self.slow)
+                if self.down or rid in self.stuck:
+                    raise StoreUnavailable("down")
+                return await super().release(rid, token)
+
+        return Store()
+
+
+async def test_an_orphan_whose_release_keeps_failing_does_not_hold_back_the_others() -> None:
+    """An orphan claim whose release keeps failing (its shard down) leaves the other orphan
+    claims to be given back: their keys do not answer 409 for a whole lease."""
+    store = _LostAnswers.make()
+    layer = IdempotencyMiddleware(Counting(), store=store, lease=30)
+    assert (await call_raw(layer, "POST", "/o", [(b"idempotency-key", b"a")], b"{}"))[0] == 503
+    store.stuck = frozenset(store._records)  # a's shard stays down
+    headers = [(b"idempotency-key", b"b")]
+    assert (await call_raw(layer, "POST", "/o", headers, b"{}"))[0] == 503
+    store.down = False
+    for _ in range(100):
+        retry = await call_raw(layer, "POST", "/o", headers, b"{}")
+        if retry[0] != 409:
+            break
+        await asyncio.sleep(0.02)
+    await layer.aclose()
+    assert retry[0] == 200
+
+
+async def test_orphans_are_given_back_after_a_loop_closed_with_the_task_pending() -> None:
+    """An engine whose orphan task was left pending on a closed loop (never cancelled) gives
+    orphan claims back on its next loop, and closes there."""
+    store = _LostAnswers.make()
+    layer = IdempotencyMiddleware(Counting(), store=store, lease=30)
+
+    def first_loop() -> int:
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(
+                call_raw(layer, "POST", "/o", [(b"idempotency-key", b"a")], b"{}")
+            )[0]
+        finally:
+            loop.close()  # the orphan task, retrying, is left pending on it
+
+    assert await asyncio.to_thread(first_loop) == 503
+    headers = [(b"idempotency-key", b"b")]
+    assert (await call_raw(layer, "POST", "/o", headers, b"{}"))[0] == 503
+    store.down = False
+    for _ in range(100):
+        retry = await call_raw(layer, "POST", "/o", headers, b"{}")
+        if retry[0] != 409:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.wait_for(layer.aclose(), 5)
+    assert retry[0] == 200
+
+
+async def test_a_claim_cancelled_while_the_layer_closes_is_given_back() -> None:
+    """A claim cancelled while aclose() waits for the orphan task's round (a slow ledger) is
+    given back too, not dropped unattempted: its key is free after the restart."""
+    store = _LostAnswers.make()
+    store.slow = 0.3
+    layer = IdempotencyMiddleware(Counting(), store=store, lease=30)
+    assert (await call_raw(layer, "POST", "/o", [(b"idempotency-key", b"a")], b"{}"))[0] == 503
+    store.down, store.hang = False, True
+    headers = [(b"idempotency-key", b"b")]
+    cancelled = asyncio.ensure_future(call_raw(layer, "POST", "/o", headers, b"{}"))
+    await asyncio.sleep(0.05)  # b's claim landed; a's release is under way
+    closing = asyncio.ensure_future(layer.aclose())
+    await asyncio.sleep(0)
+    cancelled.cancel()  # the server's shutdown
+    await asyncio.gather(cancelled, return_exceptions=True)
+    await closing
+    store.hang, store.slow = False, 0.0
+    retry = await call_raw(layer, "POST", "/o", headers, b"{}")
+    await layer.aclose()
+    assert retry[0] == 200

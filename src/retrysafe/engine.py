@@ -461,25 +461,34 @@ class Engine:
         One task works through all of them, again and again while the ledger fails, for up
         to one lease each (by then the claim has lapsed by itself)."""
         self._orphans[(rid, token)] = time.monotonic() + lease
-        if self._releasing is None or self._releasing.done():
+        task = self._releasing
+        # A task left pending on another loop (closed without cancelling it, or the parent's
+        # before a fork) would never run again: this loop gets its own.
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
             self._releasing = self.spawn(self._release_orphans())
 
     async def _release_orphans(self) -> None:
         delay, most = PERSIST_DELAYS
         while self._orphans:
             failed = False
-            for (rid, token), until in list(self._orphans.items()):
+            this_round = list(self._orphans.items())
+            for key, until in this_round:
                 if time.monotonic() >= until:
-                    del self._orphans[(rid, token)]
+                    self._orphans.pop(key, None)
                     continue
                 try:
-                    await self.store.release(rid, token)
+                    await self.store.release(*key)
                 except (StoreError, CorruptRecord):
                     failed = True
-                    break  # the ledger still fails: the others wait for the next round
-                self._orphans.pop((rid, token), None)
+                    # The ledger still fails: the others wait for the next round, which starts
+                    # after this one (a key whose shard is down must not hold back the rest).
+                    if self._orphans.pop(key, None) is not None:
+                        self._orphans[key] = until
+                    break
+                self._orphans.pop(key, None)
             if self._closing:
-                self._orphans.clear()  # one round at close, not one lease
+                for key, _ in this_round:  # one round at close, not one lease; claims given
+                    self._orphans.pop(key, None)  # up meanwhile still get theirs
             elif failed:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, most)
@@ -554,8 +563,9 @@ class Engine:
                 for e in self._running
             ):
                 await asyncio.sleep(0.01)
-            if self._background:
-                await asyncio.gather(*self._background, return_exceptions=True)
+            # This loop's only: a task left pending on a closed loop can never be awaited.
+            if tasks := [t for t in self._background if t.get_loop() is loop]:
+                await asyncio.gather(*tasks, return_exceptions=True)
             await self.store.aclose()
         finally:
             self._closing = False  # a layer may serve again after its close (a new lifespan)
