@@ -2436,3 +2436,31 @@ async def test_a_claim_cancelled_while_the_layer_closes_is_given_back() -> None:
     retry = await call_raw(layer, "POST", "/o", headers, b"{}")
     await layer.aclose()
     assert retry[0] == 200
+
+
+async def test_a_claim_is_given_back_however_long_the_ledger_stays_down() -> None:
+    """The give-back of an unanswered claim goes on while the ledger keeps failing, past the
+    claim's own lease (the claim may land only when the ledger answers again)."""
+    from retrysafe import StoreUnavailable
+    from retrysafe.stores.memory import MemoryStore
+
+    down_until = 0.0
+    released = asyncio.Event()
+
+    class Down(MemoryStore):
+        async def claim(self, *args: Any, **kwargs: Any) -> Any:
+            nonlocal down_until
+            down_until = asyncio.get_running_loop().time() + 0.8  # four leases
+            raise StoreUnavailable("no answer within 2 s")
+
+        async def release(self, rid: bytes, token: int) -> bool:
+            if asyncio.get_running_loop().time() < down_until:
+                raise StoreUnavailable("still down")
+            released.set()
+            return await super().release(rid, token)
+
+    layer = IdempotencyMiddleware(Counting(), store=Down(), lease=0.2)
+    first = await call_raw(layer, "POST", "/o", [(b"idempotency-key", b"down")], b"{}")
+    await asyncio.wait_for(released.wait(), 5)
+    await layer.aclose()
+    assert first[0] == 503

@@ -270,8 +270,9 @@ class Engine:
             )  # fmt: skip
         self._log_only = self.hooks == [log_decision]
         self._closing = False
-        self._orphans: dict[tuple[bytes, int], float] = {}
-        """Claims to give back (record id, token) and until when (monotonic) to try."""
+        self._orphans: dict[tuple[bytes, int], tuple[float, float]] = {}
+        """Claims to give back (record id, token): until when (monotonic) to try, and the
+        claim's lease."""
         self._releasing: asyncio.Task[None] | None = None
 
     # -- reporting --------------------------------------------------------------------------
@@ -458,9 +459,10 @@ class Engine:
         """Release a claim that may have landed although its request got no answer from the
         ledger (fenced by ``token``, which nobody else holds: harmless if it never landed).
 
-        One task works through all of them, again and again while the ledger fails, for up
-        to one lease each (by then the claim has lapsed by itself)."""
-        self._orphans[(rid, token)] = time.monotonic() + lease
+        One task works through all of them, again and again while the ledger fails, and for
+        up to one lease after the ledger last failed (a claim that lands late, when the
+        ledger answers again, lapses by itself one lease after that)."""
+        self._orphans[(rid, token)] = (time.monotonic() + lease, lease)
         task = self._releasing
         # A task left pending on another loop (closed without cancelling it, or the parent's
         # before a fork) would never run again: this loop gets its own.
@@ -468,30 +470,35 @@ class Engine:
             self._releasing = self.spawn(self._release_orphans())
 
     async def _release_orphans(self) -> None:
-        delay, most = PERSIST_DELAYS
+        delay = PERSIST_DELAYS[0]
         while self._orphans:
-            failed = False
+            failed = 0.0
             this_round = list(self._orphans.items())
-            for key, until in this_round:
+            for key, (until, lease) in this_round:
                 if time.monotonic() >= until:
                     self._orphans.pop(key, None)
                     continue
                 try:
                     await self.store.release(*key)
                 except (StoreError, CorruptRecord):
-                    failed = True
+                    failed = lease
                     # The ledger still fails: the others wait for the next round, which starts
                     # after this one (a key whose shard is down must not hold back the rest).
                     if self._orphans.pop(key, None) is not None:
-                        self._orphans[key] = until
+                        self._orphans[key] = (until, lease)
                     break
                 self._orphans.pop(key, None)
             if self._closing:
                 for key, _ in this_round:  # one round at close, not one lease; claims given
                     self._orphans.pop(key, None)  # up meanwhile still get theirs
             elif failed:
+                # Each claim may still land once the ledger answers again: keep every one
+                # until a lease after this failure.
+                now = time.monotonic()
+                for key, (until, lease) in list(self._orphans.items()):
+                    self._orphans[key] = (max(until, now + lease), lease)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, most)
+                delay = min(delay * 2, PERSIST_DELAYS[1], failed / 10)
 
     def watch(self, execution: Execution) -> None:
         """Renew ``execution``'s lease until :meth:`unwatch` (the heartbeat)."""
