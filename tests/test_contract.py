@@ -131,18 +131,13 @@ async def serve(
         await middleware.aclose()
 
 
-async def call_raw(
-    app: ASGIApp,
-    method: str,
-    path: str,
-    headers: Headers,
-    body: bytes = b"",
-    extensions: dict[str, Any] | None = None,
-) -> tuple[int, Headers, bytes]:
-    """Call an ASGI app with exactly these header bytes; return status, headers, body."""
-    scope: Scope = {
+def http_scope(
+    headers: Headers, *, method: str = "POST", path: str = "/o", spec: str = "2.4", **more: Any
+) -> Scope:
+    """An HTTP scope as uvicorn builds it, with exactly these header bytes."""
+    return {
         "type": "http",
-        "asgi": {"version": "3.0"},
+        "asgi": {"version": "3.0", "spec_version": spec},
         "http_version": "1.1",
         "method": method,
         "scheme": "http",
@@ -153,8 +148,20 @@ async def call_raw(
         "headers": headers,
         "server": ("t", 80),
         "client": ("127.0.0.1", 50000),
-        "extensions": extensions or {},
+        **more,
     }
+
+
+async def call_raw(
+    app: ASGIApp,
+    method: str,
+    path: str,
+    headers: Headers,
+    body: bytes = b"",
+    extensions: dict[str, Any] | None = None,
+) -> tuple[int, Headers, bytes]:
+    """Call an ASGI app with exactly these header bytes; return status, headers, body."""
+    scope = http_scope(headers, method=method, path=path, extensions=extensions or {})
     delivered = False
     sent: list[Message] = []
 
@@ -1304,17 +1311,7 @@ async def test_client_gone_mid_stream_still_completes_the_record(store_url: str)
             raise OSError("the client went away")
         sent.append(message)
 
-    scope: Scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/o",
-        "raw_path": b"/o",
-        "query_string": b"",
-        "headers": [(b"idempotency-key", b"gone-1")],
-    }
+    scope = http_scope([(b"idempotency-key", b"gone-1")])
     await middleware(scope, receive, send)
     transport = httpx.ASGITransport(app=middleware)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
@@ -1799,11 +1796,7 @@ async def test_a_stream_stopped_by_the_layer_is_kept_whatever_the_app_raises() -
         sent.append(message)
 
     middleware = IdempotencyMiddleware(app, store="memory://", lease=0.2)
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/o", "raw_path": b"/o", "query_string": b"", "root_path": "",
-        "headers": [(b"idempotency-key", b"endless")], "client": None, "server": None,
-    }  # fmt: skip
+    scope = http_scope([(b"idempotency-key", b"endless")], client=None, server=None)
     try:
         with pytest.raises(RuntimeError):
             await middleware(scope, receive, send)
@@ -1857,14 +1850,7 @@ async def test_a_reused_body_buffer_is_replayed_as_sent() -> None:
     middleware = IdempotencyMiddleware(app, store="memory://")
 
     async def post() -> tuple[Headers, bytes]:
-        scope: Scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "method": "POST",
-            "path": "/o",
-            "query_string": b"",
-            "headers": [(b"idempotency-key", b"buffer-1")],
-        }
+        scope = http_scope([(b"idempotency-key", b"buffer-1")])
         received: list[bytes] = []
         start: list[Headers] = []
 
@@ -2140,20 +2126,7 @@ async def test_a_stream_that_polls_for_the_disconnect_hears_of_it_after_one_leas
         if message["type"] == "http.response.body" and not gone.is_set():
             gone.set()  # the client leaves after the first chunk; later sends are dropped
 
-    scope: Scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/o",
-        "raw_path": b"/o",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"idempotency-key", b"k")],
-        "server": ("t", 80),
-        "client": ("127.0.0.1", 50000),
-    }
+    scope = http_scope([(b"idempotency-key", b"k")], spec="2.3")
     try:
         await asyncio.wait_for(layer(scope, receive, send), 5)
         retry = await call_raw(layer, "POST", "/o", [(b"idempotency-key", b"k")])
